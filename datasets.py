@@ -1,0 +1,662 @@
+"""Data in: read a count matrix, preprocess it by hand, build the kNN cell graph, make demo data.
+
+    file -> load() -> Dataset -> preprocess() -> Prepared -> knn_graph(Prepared.x) -> A (sctcm.fit)
+
+load() detects five layouts (DESIGN.md):
+  (a) HDF5 with X (counts, dense or a CSR group) and Y (labels): the scDeepCluster/scDCC files;
+  (b) HDF5 with exprs (dense or CSR group), obs/cell_type1, obs_names, var_names: the files of the
+      scTCM paper (scziDesk's layout);
+  (c) AnnData .h5ad: X dense or a CSR/CSC group, labels from an obs column;
+  (d) a 10x folder: matrix.mtx[.gz] (genes x cells), barcodes.tsv[.gz], features.tsv[.gz]/genes.tsv;
+  (e) CSV/TSV[.gz]: a header of gene names, then one row per cell, its name first.
+
+References:
+  Mrabah, Amar, Bouguessa, Diallo, "Toward Convex Manifolds: A Geometric Perspective for Deep Graph
+    Clustering of Single-cell RNA-seq Data" (scTCM), IJCAI 2023: the kNN cell graph A; the authors'
+    code uses 1500 HVGs and k=15 on 50 PCs;
+  Satija et al., Nat. Biotechnol. 2015 (Seurat highly variable genes by normalised dispersion), as
+    in scanpy's highly_variable_genes(flavor="seurat") and scale() (Wolf et al., Genome Biol. 2018);
+  Eraslan et al., Nat. Commun. 2019 (DCA: size factors and ZINB counts, the target of Eq. 3).
+"""
+import csv
+import gzip
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.io
+import scipy.linalg
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+LABEL_KEYS = ("cell_type", "celltype", "cell_type1", "CellType", "cell_types", "labels", "label")
+BLOCK_ENTRIES = 1 << 22  # a dense matrix is read this many entries at a time and kept as CSR
+
+
+@dataclass
+class Dataset:
+    """A labelled (or unlabelled) count matrix, cells x genes, as read from a file."""
+    counts: np.ndarray | sp.csr_matrix       # (n, g) raw counts >= 0, whole numbers; CSR float32 from load()
+    labels: np.ndarray | None = None         # (n,) int64 in 0..K-1, None when the file has none
+    label_names: np.ndarray | None = None    # (K,) str, the name of each label
+    gene_names: np.ndarray | None = None     # (g,) str
+    cell_names: np.ndarray | None = None     # (n,) str
+    name: str = ""                           # short name, the file name without its suffixes
+    notes: list[str] = field(default_factory=list)  # one-line remarks on how the file was read
+
+
+@dataclass
+class Prepared:
+    """The output of preprocess(): the encoder input and the ZINB target of the same cells and genes."""
+    x: np.ndarray               # (n, g) float32: normalised, log1p, HVGs, scaled, clipped (encoder input)
+    counts: np.ndarray          # (n, g) float32: raw counts of the same cells and genes (ZINB target, Eq. 3)
+    size_factors: np.ndarray    # (n,) float32: s_i = library size / median library size
+    genes: np.ndarray           # (g,) int64: kept gene indices into Dataset.counts columns
+    cells: np.ndarray           # (n,) int64: kept cell indices into Dataset.counts rows
+    labels: np.ndarray | None   # (n,) labels of the kept cells, for scoring only
+    label_names: np.ndarray | None  # (K,) str
+    gene_names: np.ndarray      # (g,) str, names of the kept genes
+    cell_names: np.ndarray      # (n,) str, names of the kept cells
+    name: str = ""
+    notes: list[str] = field(default_factory=list)  # Dataset.notes + one line on what was dropped
+
+
+# ---------------------------------------------------------------- load
+
+
+def load(path, label_key=None):
+    """Read a count matrix and its labels from any of the five layouts -> Dataset (cells x genes).
+
+    label_key: the obs column (h5ad, paper layout) or dataset (X/Y layout) holding the labels;
+    by default Y, cell_type1, or the first of LABEL_KEYS present. Counts are checked (numeric,
+    finite, non-negative, whole numbers) and kept as CSR float32. A matrix whose second axis
+    matches the labels or cell names is transposed, and Dataset.notes says so in one line."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder")
+    if path.is_dir() or path.name.endswith((".mtx", ".mtx.gz")):
+        parts = _read_10x(path)
+    elif h5py.is_hdf5(path):
+        with h5py.File(path, "r") as f:
+            parts = _h5_reader(f, path)(f, path, label_key)
+    elif path.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt")):
+        parts = _read_text(path)
+    else:
+        raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad, a 10x folder, or .csv/.tsv)")
+    return _assemble(path, *parts)
+
+
+def _assemble(path, x, what, raw_labels, names, genes, cells):
+    """Orient, check and encode what a reader returned -> Dataset."""
+    x, notes = _orient(x, path, what, raw_labels, cells, genes)
+    n, g = x.shape
+    for kind, values, size in (("labels", raw_labels, n), ("cell names", cells, n), ("gene names", genes, g)):
+        if values is not None and len(values) != size:
+            raise ValueError(f"{path}: {len(values)} {kind} for {n} cells x {g} genes in {what}")
+    _check_counts(x.data, path, what)
+    x.sum_duplicates()
+    labels, label_names = _encode_labels(raw_labels, names)
+    return Dataset(
+        counts=x.astype(np.float32),
+        labels=labels,
+        label_names=label_names,
+        gene_names=np.asarray(genes) if genes is not None else np.array([f"gene{j}" for j in range(g)]),
+        cell_names=np.asarray(cells) if cells is not None else np.array([f"cell{i}" for i in range(n)]),
+        name=_stem(path),
+        notes=notes,
+    )
+
+
+def _orient(x, path, what, labels, cells, genes):
+    """Transpose x when the labels (else cell names, else gene names) match its other axis.
+
+    Matrices written from R (rhdf5, writeMM of a genes x cells object) arrive genes x cells."""
+    for kind, values, axis in (("labels", labels, 0), ("cell names", cells, 0), ("gene names", genes, 1)):
+        if values is None:
+            continue
+        if len(values) != x.shape[axis] and len(values) == x.shape[1 - axis]:
+            x = x.T.tocsr()
+            note = (f"{path}: transposed {what} to {x.shape[0]} cells x {x.shape[1]} genes: the "
+                    f"{len(values)} {kind} match its other axis (R writes matrices genes x cells)")
+            return x, [note]
+        return x, []  # the first evidence decides; a length matching neither axis fails in _assemble
+    return x, []
+
+
+def _check_counts(values, path, what):
+    """Raise a one-line ValueError unless values are finite, non-negative whole numbers."""
+    if values.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: {what} holds non-numeric values ({values.dtype})")
+    if values.dtype.kind == "f":
+        bad = np.count_nonzero(~np.isfinite(values))
+        if bad:
+            raise ValueError(f"{path}: {bad} non-finite counts (NaN or inf) in {what}")
+    bad = np.count_nonzero(values < 0)
+    if bad:
+        raise ValueError(f"{path}: {bad} negative counts in {what}")
+    if values.dtype.kind == "f":
+        bad = np.count_nonzero(values != np.round(values))
+        if bad:
+            raise ValueError(f"{path}: {bad} non-integer counts in {what} (raw counts expected, "
+                             "not normalised or log data)")
+
+
+def _encode_labels(values, names):
+    """Labels (ints, or strings) -> (int64 codes 0..K-1, K names). Integer codes index names if given."""
+    if values is None:
+        return None, None
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+        values = values.astype(np.int64)
+    uniq, labels = np.unique(values, return_inverse=True)
+    if names is not None and values.dtype.kind in "iu" and uniq.min() >= -1 and uniq.max() < len(names):
+        label_names = np.append(np.asarray(names, dtype=str), "NA")[uniq]  # code -1: missing (anndata)
+    else:
+        label_names = uniq.astype(str)
+    return labels.astype(np.int64).ravel(), label_names
+
+
+def _stem(path):
+    """The data set's short name: the folder of a 10x matrix, else the file name without suffixes."""
+    if path.is_dir() or path.name.endswith((".mtx", ".mtx.gz")):
+        return (path if path.is_dir() else path.parent).resolve().name
+    return Path(path.name.removesuffix(".gz")).stem
+
+
+def _strings(values):
+    """An HDF5 string array (bytes or str) or a numeric array -> numpy str array."""
+    values = np.asarray(values).ravel()
+    if values.dtype.kind in "SO":
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values])
+    return values.astype(str)
+
+
+def _decoded(values):
+    """Label values as stored: strings decoded from bytes, numbers left as numbers."""
+    values = np.asarray(values).ravel()
+    return _strings(values) if values.dtype.kind in "SO" else values
+
+
+# -- HDF5 layouts (a), (b), (c)
+
+
+def _h5_reader(f, path):
+    """Pick the reader of an open HDF5 file from its top-level keys."""
+    if "exprs" in f:
+        return _read_exprs
+    if "X" in f and "obs" in f and "Y" not in f:
+        return _read_h5ad
+    if "X" in f:
+        return _read_xy
+    keys = ", ".join(list(f)[:8])
+    raise ValueError(f"{path}: unknown HDF5 layout (keys: {keys}; expected X and Y, exprs, or AnnData)")
+
+
+def _read_xy(f, path, label_key):
+    """Layout (a): X counts, Y labels, optional cell_types (names of the label codes) and genes."""
+    x = _read_matrix(f["X"], path, "X")
+    key = label_key or "Y"
+    if label_key and key not in f:
+        raise ValueError(f"{path}: no dataset '{key}' for the labels")
+    labels = _decoded(f[key][()]) if key in f else None
+    names = _strings(f["cell_types"][()]) if "cell_types" in f else None
+    genes = _first_strings(f, ("genes", "gene_names", "var_names"))
+    cells = _first_strings(f, ("cells", "cell_names", "obs_names", "barcodes"))
+    return x, "X", labels, names, genes, cells
+
+
+def _read_exprs(f, path, label_key):
+    """Layout (b), the scTCM paper's files: exprs, obs/cell_type1, obs_names, var_names."""
+    x = _read_matrix(f["exprs"], path, "exprs")
+    labels, names = None, None
+    if "obs" in f:
+        labels, names = _obs_labels(f["obs"], path, label_key, ("cell_type1",) + LABEL_KEYS)
+    return x, "exprs", labels, names, _first_strings(f, ("var_names",)), _first_strings(f, ("obs_names",))
+
+
+def _read_h5ad(f, path, label_key):
+    """Layout (c), AnnData: X, obs (index + columns), var (index = gene names)."""
+    if not isinstance(f["obs"], h5py.Group):
+        raise ValueError(f"{path}: obs is a compound table (anndata < 0.7); save the file again with anndata")
+    x = _read_matrix(f["X"], path, "X")
+    labels, names = _obs_labels(f["obs"], path, label_key, LABEL_KEYS)
+    return x, "X", labels, names, _frame_index(f.get("var")), _frame_index(f["obs"])
+
+
+def _first_strings(f, keys):
+    for key in keys:
+        if isinstance(f.get(key), h5py.Dataset):
+            return _strings(f[key][()])
+    return None
+
+
+def _frame_index(frame):
+    """The index (obs or var names) of an AnnData dataframe group, or None."""
+    if not isinstance(frame, h5py.Group):
+        return None
+    key = frame.attrs.get("_index", "_index")
+    key = key.decode() if isinstance(key, bytes) else key
+    return _strings(frame[key][()]) if isinstance(frame.get(key), h5py.Dataset) else None
+
+
+def _obs_labels(obs, path, label_key, default_keys):
+    """Labels from an obs column -> (codes or strings, category names or None).
+
+    Categoricals are a group with categories + codes (anndata >= 0.8), or integer codes with their
+    categories in obs/__categories/<column> (older anndata)."""
+    key = label_key or next((k for k in default_keys if k in obs), None)
+    if key is None:
+        return None, None
+    if key not in obs:
+        raise ValueError(f"{path}: no obs column '{key}' (columns: {', '.join(list(obs)[:12])})")
+    column = obs[key]
+    if isinstance(column, h5py.Group):
+        if "codes" not in column or "categories" not in column:
+            raise ValueError(f"{path}: obs column '{key}' is neither categorical nor a plain array")
+        return column["codes"][()], _strings(column["categories"][()])
+    if "__categories" in obs and key in obs["__categories"]:
+        return column[()], _strings(obs["__categories"][key][()])
+    return _decoded(column[()]), None
+
+
+def _read_matrix(item, path, what):
+    """A dense HDF5 dataset or a CSR/CSC group -> CSR, in the stored orientation."""
+    if isinstance(item, h5py.Group):
+        return _read_sparse_group(item, path, what)
+    if item.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: {what} holds non-numeric values ({item.dtype})")
+    if item.ndim != 2:
+        raise ValueError(f"{path}: {what} has {item.ndim} dimensions, expected a 2-d matrix")
+    rows = max(1, BLOCK_ENTRIES // max(1, item.shape[1]))
+    if item.chunks:
+        rows = max(item.chunks[0], rows // item.chunks[0] * item.chunks[0])  # whole chunks, unzipped once
+    blocks = [sp.csr_matrix(item[i:i + rows]) for i in range(0, item.shape[0], rows)]
+    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(item.shape, dtype=item.dtype)
+
+
+def _read_sparse_group(group, path, what):
+    """A CSR or CSC group (data, indices, indptr, shape as attribute or dataset) -> checked CSR."""
+    if not all(k in group for k in ("data", "indices", "indptr")):
+        raise ValueError(f"{path}: group {what} is not a sparse matrix (needs data, indices, indptr)")
+    fmt = group.attrs.get("encoding-type", group.attrs.get("h5sparse_format", "csr"))
+    fmt = (fmt.decode() if isinstance(fmt, bytes) else str(fmt))[:3].upper()
+    shape = group.attrs.get("shape", group.attrs.get("h5sparse_shape"))
+    if shape is None and "shape" in group:
+        shape = group["shape"][()]
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"{path}: group {what} has no 2-d shape")
+    data, indices, indptr = group["data"][()], group["indices"][()], group["indptr"][()]
+    n_major, n_minor = (shape[0], shape[1]) if fmt != "CSC" else (shape[1], shape[0])
+    axis = "rows" if fmt != "CSC" else "columns"
+    problem = None
+    if len(indptr) != n_major + 1:
+        problem = f"indptr has {len(indptr)} entries for {n_major} {axis}"
+    elif len(indices) != len(data):
+        problem = f"{len(indices)} indices for {len(data)} values"
+    elif indptr[0] != 0 or indptr[-1] != len(data) or np.any(np.diff(indptr) < 0):
+        problem = f"indptr must rise from 0 to {len(data)}"
+    elif len(indices) and (indices.min() < 0 or indices.max() >= n_minor):
+        problem = f"indices outside 0..{n_minor - 1}"
+    if problem:
+        raise ValueError(f"{path}: inconsistent {fmt} group {what}: {problem}")
+    if data.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: {what} holds non-numeric values ({data.dtype})")
+    if fmt == "CSC":
+        return sp.csc_matrix((data, indices, indptr), shape=tuple(shape)).tocsr()
+    return sp.csr_matrix((data, indices, indptr), shape=tuple(shape))
+
+
+# -- text layouts (d), (e)
+
+
+def _open_text(path):
+    return gzip.open(path, "rt") if path.name.endswith(".gz") else open(path)
+
+
+def _read_lines(path):
+    with _open_text(path) as fh:
+        return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
+
+
+def _read_10x(path):
+    """Layout (d): matrix.mtx[.gz] (genes x cells), barcodes.tsv[.gz], features.tsv[.gz] or genes.tsv;
+    path is the folder or the .mtx file in it.
+
+    features.tsv columns are id, name, type: the name is kept."""
+    folder = path if path.is_dir() else path.parent
+    mtx = path if path.is_file() else _find(folder, ("matrix.mtx.gz", "matrix.mtx"))
+    barcodes = _find(folder, ("barcodes.tsv.gz", "barcodes.tsv"))
+    features = _find(folder, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
+    if mtx is None:
+        raise ValueError(f"{path}: unknown layout (a folder without matrix.mtx[.gz])")
+    try:
+        m = sp.csr_matrix(scipy.io.mmread(str(mtx)))
+    except (ValueError, OSError) as err:
+        reason = str(err).partition("\n")[0]
+        raise ValueError(f"{mtx}: not a readable Matrix Market file ({reason})") from None
+    cells = np.array([row[0] for row in _read_lines(barcodes)]) if barcodes else None
+    genes = np.array([r[1] if len(r) > 1 else r[0] for r in _read_lines(features)]) if features else None
+    if cells is None or len(cells) != m.shape[0] or len(cells) == m.shape[1]:
+        m = m.T.tocsr()  # 10x writes genes x cells; a cells x genes file is told apart by its barcodes
+    return m, mtx.name, None, None, genes, cells
+
+
+def _find(folder, names):
+    return next((folder / n for n in names if (folder / n).exists()), None)
+
+
+def _read_text(path):
+    """Layout (e): CSV/TSV[.gz], header = gene names (with or without a corner cell), rows = cells."""
+    delimiter = "," if path.name.lower().removesuffix(".gz").endswith(".csv") else "\t"
+    cells, rows, blocks = [], [], []
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = next(reader, None)
+        for row in reader:
+            if not row:
+                continue
+            cells.append(row[0])
+            rows.append(row[1:])
+            if len(rows) == 1024:
+                blocks.append(_parse_rows(rows, len(cells) - len(rows) + 2, path))
+                rows = []
+    if rows:
+        blocks.append(_parse_rows(rows, len(cells) - len(rows) + 2, path))
+    if header is None or not blocks:
+        raise ValueError(f"{path}: no data rows (expected a header of gene names, then one row per cell)")
+    n_genes = blocks[0].shape[1]
+    if any(b.shape[1] != n_genes for b in blocks) or len(header) not in (n_genes, n_genes + 1):
+        raise ValueError(f"{path}: header has {len(header)} fields for {n_genes} genes per row")
+    genes = np.array(header[-n_genes:])
+    return sp.vstack(blocks, format="csr"), path.name, None, None, genes, np.array(cells)
+
+
+def _parse_rows(rows, first_line, path):
+    """Text rows of numbers -> CSR block; a ragged row or a non-number names its line."""
+    try:
+        return sp.csr_matrix(np.array(rows, dtype=np.float64))
+    except ValueError:
+        for i, row in enumerate(rows):
+            if len(row) != len(rows[0]):
+                raise ValueError(f"{path}: line {first_line + i} has {len(row) + 1} fields, "
+                                 f"line {first_line} has {len(rows[0]) + 1}") from None
+            for value in row:
+                try:
+                    float(value)
+                except ValueError:
+                    raise ValueError(f"{path}: line {first_line + i}: non-numeric count {value!r}") from None
+        raise
+
+
+# ---------------------------------------------------------------- preprocess
+
+
+def preprocess(dataset, n_top_genes=1500):
+    """Filter, normalise, log1p, pick highly variable genes, scale -> Prepared (scanpy's recipe, by hand).
+
+    1. drop cells and genes with zero counts (Prepared.notes ends with one line saying how many);
+    2. size factors s_i = l_i / median(l), l_i = sum_j X_ij the library size;
+    3. normalise each cell to the median library size, X_ij / s_i, and take log1p;
+    4. keep the n_top_genes genes of highest Seurat normalised dispersion (all when fewer remain);
+    5. scale each kept gene to zero mean and unit variance (ddof=1, as scanpy), clip to [-10, 10].
+    Works on CSR counts: only the (n, n_top_genes) selected columns become dense.
+    counts: (n0, g0) -> x, counts: (n, g) float32, size_factors (n,), cells (n,), genes (g,)."""
+    if n_top_genes < 1:
+        raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}")
+    name = dataset.name or "dataset"
+    x = sp.csr_matrix(dataset.counts, dtype=np.float32)
+    _check_counts(x.data, name, "counts")
+    n0, g0 = x.shape
+    cells = np.flatnonzero(np.asarray(x.sum(axis=1, dtype=np.float64)).ravel() > 0)
+    genes = np.flatnonzero(np.asarray(x.sum(axis=0, dtype=np.float64)).ravel() > 0)
+    if len(cells) < 3 or len(genes) < 3:
+        raise ValueError(f"{name}: only {len(cells)} cells and {len(genes)} genes with non-zero counts "
+                         "(need at least 3 of each)")
+    if len(cells) < n0:
+        x = x[cells]
+    if len(genes) < g0:
+        x = x[:, genes]
+    library = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+    size_factors = library / np.median(library)
+    mean, var = _normalised_mean_var(x, size_factors)
+    hvg = _seurat_hvg(mean, var, n_top_genes)
+    counts = x[:, hvg].toarray()
+    logx = np.log1p(counts / size_factors[:, None].astype(np.float32))
+    genes = genes[hvg]
+    note = (f"{name}: dropped {n0 - len(cells)} of {n0} cells and {g0 - x.shape[1]} of {g0} genes with "
+            f"zero counts; kept {len(genes)} highly variable genes")
+    return Prepared(
+        x=_scale(logx),
+        counts=counts,
+        size_factors=size_factors.astype(np.float32),
+        genes=genes,
+        cells=cells,
+        labels=None if dataset.labels is None else np.asarray(dataset.labels)[cells],
+        label_names=dataset.label_names,
+        gene_names=_names(dataset.gene_names, "gene", g0)[genes],
+        cell_names=_names(dataset.cell_names, "cell", n0)[cells],
+        name=dataset.name,
+        notes=list(dataset.notes) + [note],
+    )
+
+
+def _names(names, prefix, size):
+    return np.asarray(names) if names is not None else np.array([f"{prefix}{i}" for i in range(size)])
+
+
+def _normalised_mean_var(x, size_factors):
+    """Mean and variance (ddof=1, as scanpy) of each gene of the normalised counts X_ij / s_i.
+
+    x: (n, g) CSR counts; computed as E[y] and E[y^2] - E[y]^2 without densifying x."""
+    n = x.shape[0]
+    inv = 1.0 / size_factors
+    mean = (x.T @ inv) / n
+    mean_sq = (x.multiply(x).T @ (inv * inv)) / n
+    var = np.maximum(mean_sq - mean * mean, 0.0) * n / (n - 1)
+    return np.asarray(mean).ravel(), np.asarray(var).ravel()
+
+
+def _seurat_hvg(mean, var, n_top):
+    """Indices (ascending) of the n_top genes of highest normalised dispersion; all when g <= n_top."""
+    if n_top >= len(mean):
+        return np.arange(len(mean))
+    z = _normalised_dispersion(mean, var)
+    return np.sort(np.argsort(-z, kind="stable")[:n_top])
+
+
+def _normalised_dispersion(mean, var, n_bins=20):
+    """Seurat's normalised dispersion (Satija et al. 2015; scanpy flavor="seurat").
+
+    mean, var: (g,) of the normalised (not log) counts. Dispersion d = log(var / mean); genes are
+    binned into n_bins equal-width bins of log1p(mean) and d is z-scored within its bin (ddof=1).
+    A bin holding a single gene has no spread: as in scanpy, its gene gets 1 (one standard
+    deviation, so it is kept only when few genes stand out more). A bin whose genes all have the
+    same d gets 0. Genes with zero variance get -inf (ranked last). -> (g,)"""
+    with np.errstate(divide="ignore"):
+        disp = np.log(var / mean)
+    log_mean = np.log1p(mean)
+    lo, hi = log_mean.min(), log_mean.max()
+    edges = np.linspace(lo - 0.001 * (hi - lo), hi, n_bins + 1)  # pandas.cut widens the range by 0.1%
+    bins = np.digitize(log_mean, edges[1:-1], right=True)
+    z = np.full(len(disp), -np.inf)
+    for b in np.unique(bins):
+        members = (bins == b) & np.isfinite(disp)
+        d = disp[members]
+        if len(d) == 1:
+            z[members] = 1.0
+        elif len(d) > 1:
+            std = d.std(ddof=1)
+            z[members] = (d - d.mean()) / std if std > 0 else 0.0
+    return z
+
+
+def _scale(x, clip=10.0):
+    """Each column to zero mean, unit variance (ddof=1), clipped to [-clip, clip]; constant columns -> 0."""
+    mean = x.mean(axis=0)
+    std = x.std(axis=0, ddof=1)
+    std[std == 0] = 1.0
+    return np.clip((x - mean) / std, -clip, clip).astype(np.float32)
+
+
+# ---------------------------------------------------------------- kNN graph
+
+
+def knn_graph(x, k=15, n_pcs=50):
+    """Symmetric 0/1 adjacency A of the paper: i ~ j iff one is among the other's k nearest neighbours.
+
+    x: (n, g) cells; Euclidean distances on the top n_pcs principal components (all of them when
+    n_pcs >= min(n, g)); exact neighbours by a k-d tree; union of the two directions; no self loops.
+    -> (n, n) scipy.sparse.csr_matrix, float32."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    if n < 2 or k < 1:
+        raise ValueError(f"knn_graph needs at least 2 cells and k >= 1 (got {n} cells, k={k})")
+    k = min(k, n - 1)
+    pcs = _pca(x, n_pcs)
+    _, idx = cKDTree(pcs).query(pcs, k=k + 1, workers=-1)
+    keep = idx != np.arange(n)[:, None]
+    keep[keep.all(axis=1), -1] = False  # duplicates of a cell can push it out of its own list
+    cols = idx[keep].reshape(n, k)
+    a = sp.csr_matrix((np.ones(n * k, np.float32), cols.ravel(), np.arange(0, n * k + 1, k)), (n, n))
+    return a.maximum(a.T).tocsr()
+
+
+def _pca(x, n_pcs=50):
+    """Coordinates of x on its top n_pcs principal components, by an eigendecomposition of the
+    smaller of X^T X (g x g) and X X^T (n x n), X = x centred. x: (n, g) -> (n, min(n_pcs, n, g)).
+    When every component is asked for, X itself is returned (the rotation changes no distance)."""
+    xc = x - x.mean(axis=0)
+    n, g = xc.shape
+    m = min(n_pcs, n, g)
+    if m == g:
+        return xc
+    if g <= n:
+        _, v = scipy.linalg.eigh(xc.T @ xc, subset_by_index=[g - m, g - 1])  # ascending eigenvalues
+        return xc @ v[:, ::-1]
+    w, u = scipy.linalg.eigh(xc @ xc.T, subset_by_index=[n - m, n - 1])
+    return u[:, ::-1] * np.sqrt(np.maximum(w[::-1], 0.0))  # X = U S V^T: scores U S
+
+
+# ---------------------------------------------------------------- synthetic data
+
+# Shape of the demo data, tuned so that k-means on the top PCs of preprocess(synthetic()).x reaches
+# an ARI of about 0.7-0.85 (it cuts each pair of interlocking arcs the wrong way) while spectral
+# clustering of knn_graph() reaches 0.95-1.0.
+SYN_SEPARATION = 4.0   # distance of each pair of arcs from the origin, along its own direction
+SYN_RADIUS = 2.0       # radius of each arc
+SYN_OFFSET = -0.25     # vertical offset of the second arc of a pair, in radii (two moons: 0.5)
+SYN_WIDTH = 0.3        # half thickness of each sheet, along a third direction
+SYN_NOISE = 0.1        # isotropic latent noise
+SYN_GAIN = 2.5         # scale of the log fold changes made by the random decoder
+SYN_INFORMATIVE = 0.7  # fraction of genes that depend on the latent position
+SYN_DROPOUT = 0.6      # pi_ig = SYN_DROPOUT / (1 + mu_ig): dropout hits weakly expressed entries
+
+
+def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0):
+    """Labelled ZINB counts whose clusters lie on curved manifolds (the demo and test data).
+
+    Latent z: clusters 2p and 2p+1 are two interlocking arcs thickened into bent sheets (_bent_sheets).
+    Genes: eta_ig = b_g + m_g (tanh(z_i W1 + c) W2)_g, a random one-hidden-layer map; m_g = 1 for a
+    fraction SYN_INFORMATIVE of the genes, 0 for the rest. Counts: mu_ig = l_i softmax_g(eta_i)
+    with library sizes l_i log-normal (median 3000); X_ig ~ NB(mu_ig, theta_g) drawn as
+    Poisson(Gamma(theta_g, mu_ig / theta_g)); then a dropout zero with probability pi_ig.
+    Deterministic for a seed. -> Dataset: counts (n_cells, n_genes) int64 dense, labels 0..K-1."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n_cells) % n_clusters)
+    z = _bent_sheets(labels, n_clusters, rng)
+    eta = _random_decoder(z, n_genes, rng)
+    library = rng.lognormal(np.log(3000.0), 0.35, n_cells)
+    profile = np.exp(eta - eta.max(axis=1, keepdims=True))
+    mu = library[:, None] * profile / profile.sum(axis=1, keepdims=True)
+    theta = rng.lognormal(np.log(4.0), 0.5, n_genes)  # NB inverse dispersion, one per gene
+    counts = rng.poisson(rng.gamma(theta, mu / theta))
+    counts[rng.random(counts.shape) < SYN_DROPOUT / (1.0 + mu)] = 0
+    return Dataset(
+        counts=counts,
+        labels=labels.astype(np.int64),
+        label_names=np.array([f"cluster{k}" for k in range(n_clusters)]),
+        gene_names=np.array([f"gene{j}" for j in range(n_genes)]),
+        cell_names=np.array([f"cell{i}" for i in range(n_cells)]),
+        name="synthetic",
+    )
+
+
+def _bent_sheets(labels, n_clusters, rng):
+    """Latent codes (n, 4P), P = ceil(K / 2) pairs: pair p sits at SYN_SEPARATION * e_p; in its
+    plane (f_p, g_p) cluster 2p is the upper arc R (cos t, sin t) and cluster 2p+1 the lower arc
+    R (1 - cos t, SYN_OFFSET - sin t), t ~ U[0, pi] (two moons); a width s ~ U[-1, 1] along h_p
+    bends the arcs into sheets. e, f, g, h: a random orthonormal basis."""
+    n, n_pairs = len(labels), (n_clusters + 1) // 2
+    dim = 4 * n_pairs
+    e, f, g, h = np.linalg.qr(rng.normal(size=(dim, dim)))[0].reshape(4, n_pairs, dim)
+    pair, lower = labels // 2, (labels % 2).astype(bool)
+    t = rng.uniform(0.0, np.pi, n)
+    u = SYN_RADIUS * np.where(lower, 1 - np.cos(t), np.cos(t))
+    v = SYN_RADIUS * np.where(lower, SYN_OFFSET - np.sin(t), np.sin(t))
+    s = SYN_WIDTH * rng.uniform(-1.0, 1.0, n)
+    z = SYN_SEPARATION * e[pair] + u[:, None] * f[pair] + v[:, None] * g[pair] + s[:, None] * h[pair]
+    return z + rng.normal(0.0, SYN_NOISE, z.shape)
+
+
+def _random_decoder(z, n_genes, rng, hidden=32):
+    """A random nonlinear map from latent codes to log relative expression: (n, d) -> (n, g)."""
+    w1 = rng.normal(0.0, 1.0 / np.sqrt(z.shape[1]), (z.shape[1], hidden))
+    c = rng.normal(0.0, 0.5, hidden)
+    w2 = rng.normal(0.0, SYN_GAIN / np.sqrt(hidden), (hidden, n_genes))
+    base = rng.normal(0.0, 1.5, n_genes)  # b_g: log-normal spread of gene abundances
+    informative = rng.random(n_genes) < SYN_INFORMATIVE
+    return base + informative * (np.tanh(z @ w1 + c) @ w2)
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def _benchmark(n_cells=10_000, n_genes=20_000, density=0.1, seed=0):
+    """Time load + preprocess + knn_graph on a sparse (n_cells x n_genes, ~density non-zero) .h5 file.
+
+    Prints the seconds of each step and the peak resident memory of the process (building the
+    matrix included)."""
+    rng = np.random.default_rng(seed)
+    rate = rng.lognormal(0.0, 0.5, n_genes)  # genes differ in how often they are detected
+    rate = np.minimum(density * rate / rate.mean(), 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.h5")
+        _write_random_csr(path, n_cells, rate, rng)
+        t0 = time.perf_counter()
+        data = load(path)
+        t1 = time.perf_counter()
+        prepared = preprocess(data)
+        t2 = time.perf_counter()
+        adjacency = knn_graph(prepared.x)
+        t3 = time.perf_counter()
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    print(f"{n_cells} cells x {n_genes} genes, {data.counts.nnz / (n_cells * n_genes):.1%} non-zero | "
+          f"load {t1 - t0:.1f} s | preprocess {t2 - t1:.1f} s | knn_graph {t3 - t2:.1f} s | "
+          f"total {t3 - t0:.1f} s | peak RSS {peak_gb:.2f} GB | {adjacency.nnz} edges")
+
+
+def _write_random_csr(path, n_cells, rate, rng, block=500):
+    """Write counts (non-zero with probability rate_g, value 1 + Poisson(2)) as an X CSR group + Y."""
+    n_genes = len(rate)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("X")
+        data = g.create_dataset("data", (0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+        indices = g.create_dataset("indices", (0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+        indptr = [0]
+        for start in range(0, n_cells, block):
+            rows = sp.csr_matrix(rng.random((min(block, n_cells - start), n_genes)) < rate)
+            values = 1 + rng.poisson(2.0, rows.nnz)
+            size = data.shape[0]
+            data.resize((size + rows.nnz,))
+            indices.resize((size + rows.nnz,))
+            data[size:] = values
+            indices[size:] = rows.indices
+            indptr.extend(size + rows.indptr[1:])
+        g.create_dataset("indptr", data=np.array(indptr, dtype=np.int64))
+        g.create_dataset("shape", data=np.array([n_cells, n_genes]))
+        f.create_dataset("Y", data=rng.integers(0, 10, n_cells))
