@@ -5,7 +5,11 @@ test: files written here by h5py / scipy.io / csv, numbers worked out by hand, b
 Tests on the real data in ../shared/data skip cleanly when that folder is absent.
 """
 import gzip
+import itertools
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -13,10 +17,14 @@ import numpy as np
 import pytest
 import scipy.io
 import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
 
 import datasets
+import sctcm
 
-DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+REPO = Path(__file__).resolve().parent
+DATA = REPO.parent / "shared" / "data"
 
 
 # ---------------------------------------------------------------- datasets.py
@@ -424,3 +432,322 @@ def test_synthetic_clusters_are_graph_separable():
     p = datasets.preprocess(datasets.synthetic())
     a = datasets.knn_graph(p.x).tocoo()
     assert np.mean(p.labels[a.row] == p.labels[a.col]) > 0.97  # edges stay inside clusters
+
+
+# ---------------------------------------------------------------- sctcm.py
+
+def _random_graph(n, p, seed):
+    rng = np.random.default_rng(seed)
+    upper = np.triu(rng.random((n, n)) < p, 1)
+    return sp.csr_matrix((upper | upper.T).astype(np.float32))
+
+
+def test_normalized_adjacency_matches_dense_formula():
+    a = _random_graph(30, 0.2, 0)
+    a_tilde = a.toarray() + np.eye(30)
+    d = a_tilde.sum(1) ** -0.5
+    expected = d[:, None] * a_tilde * d[None, :]
+    assert np.allclose(sctcm.normalized_adjacency(a).to_dense().numpy(), expected, atol=1e-6)
+
+
+def test_structure_loss_matches_dense_weighted_bce():
+    a = _random_graph(50, 0.1, 1)
+    coo = a.tocoo()
+    edges = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
+    z = torch.randn(50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    target = torch.as_tensor(a.toarray(), dtype=torch.float64)
+    n, e = 50, a.nnz
+    pos_weight = torch.tensor((n * n - e) / e, dtype=torch.float64)
+    norm = n * n / (2 * (n * n - e))
+    expected = norm * F.binary_cross_entropy_with_logits(z1 @ z1.T, target, pos_weight=pos_weight)
+    got = sctcm.structure_loss(z2, edges, block=7)  # blocks that do not divide n
+    expected.backward()
+    got.backward()
+    assert torch.allclose(got, expected, rtol=1e-10)
+    assert torch.allclose(z2.grad, z1.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_soft_assign_matches_student_t_loop():
+    rng = np.random.default_rng(2)
+    z, centers = rng.normal(size=(20, 3)), rng.normal(size=(4, 3))
+    expected = np.empty((20, 4))
+    for i in range(20):
+        kernel = [1 / (1 + np.sum((z[i] - c) ** 2)) for c in centers]
+        expected[i] = np.array(kernel) / sum(kernel)
+    got = sctcm.soft_assign(torch.as_tensor(z), torch.as_tensor(centers)).numpy()
+    assert np.allclose(got, expected, rtol=1e-12)
+
+
+def test_target_distribution_one_hot_only_for_reliable_cells():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+    q, reliable = sctcm.target_distribution(p, beta=0.3)
+    for i, row in enumerate(p.tolist()):
+        top1, top2 = sorted(row, reverse=True)[:2]
+        assert bool(reliable[i]) == (top1 - top2 >= 0.3)
+        if reliable[i]:
+            assert q[i].tolist() == [float(j == int(np.argmax(row))) for j in range(3)]
+        else:
+            assert torch.equal(q[i], p[i])
+    assert reliable.tolist() == [True, False, True, False]
+
+
+def test_kl_divergence_matches_loop_with_zero_targets():
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(5), size=8)
+    q = rng.dirichlet(np.ones(5), size=8)
+    q[0] = [0, 1, 0, 0, 0]
+    expected = sum(q[i, j] * np.log(q[i, j] / p[i, j])
+                   for i in range(8) for j in range(5) if q[i, j] > 0)
+    q_t, p_t = torch.as_tensor(q), torch.as_tensor(p)
+    assert np.isclose(sctcm.kl_divergence(q_t, p_t, reduction="sum").item(), expected, rtol=1e-12)
+    assert np.isclose(sctcm.kl_divergence(q_t, p_t).item(), expected / 8, rtol=1e-12)
+    assert sctcm.kl_divergence(p_t, p_t).item() == pytest.approx(0, abs=1e-12)
+
+
+def test_auto_threshold_makes_the_requested_share_reliable():
+    p = torch.softmax(torch.randn(1000, 6, generator=torch.Generator().manual_seed(4)), 1)
+    beta = sctcm.auto_threshold(p, 0.15)
+    _, reliable = sctcm.target_distribution(p, beta)
+    assert abs(reliable.float().mean().item() - 0.15) <= 0.002
+
+
+def test_convex_combinations_lie_on_the_simplex_of_their_cluster():
+    # codes of cluster 0 are the unit vectors e_0..e_2, so a combination's coordinates ARE theta
+    z = torch.cat([torch.eye(6), torch.ones(1, 6)])
+    members = [np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([6])]
+    z_cvx, active = sctcm.convex_combinations(z, members, m=3, n_cvx=50,
+                                              rng=np.random.default_rng(5))
+    assert active.tolist() == [0, 1]  # cluster 2 has fewer than m members
+    assert z_cvx.shape == (2, 50, 6)
+    assert torch.all(z_cvx[0, :, 3:] == 0) and torch.all(z_cvx[1, :, :3] == 0)
+    assert torch.all(z_cvx >= 0)
+    assert torch.allclose(z_cvx.sum(2), torch.ones(2, 50))
+    assert z_cvx[0, :, :3].std(0).min() > 0.1  # random weights, not a fixed point
+    assert sctcm.convex_combinations(z, [np.array([0])], 3, 5, np.random.default_rng(0)) is None
+
+
+def test_adversarial_losses_match_log_sigmoid_formulas():
+    real = torch.tensor([[0.5, -1.0, 2.0], [0.0, 3.0, -2.0]], dtype=torch.float64)
+    fake = torch.tensor([[1.0, -0.5, 0.2], [-3.0, 0.1, 4.0]], dtype=torch.float64)
+    d_real, d_fake = torch.sigmoid(real), torch.sigmoid(fake)
+    expected_d = sum(-torch.log(d_real[k]).mean() - torch.log(1 - d_fake[k]).mean()
+                     for k in range(2))
+    expected_g = sum(torch.log(1 - d_fake[k]).mean() for k in range(2))
+    assert torch.isclose(sctcm.discriminator_loss(real, fake), expected_d, rtol=1e-12)
+    assert torch.isclose(sctcm.generator_loss(fake), expected_g, rtol=1e-12)
+    assert torch.isfinite(sctcm.generator_loss(torch.tensor([[200.0]])))
+
+
+def test_discriminators_are_separate_networks():
+    disc = sctcm.Discriminators(3, 5, 4)
+    x = torch.randn(2, 6, 5)
+    out = disc(x, torch.tensor([2, 0]))
+    for row, k in enumerate([2, 0]):
+        h = torch.relu(x[row] @ disc.w1[k] + disc.b1[k])
+        assert torch.allclose(out[row], (h @ disc.w2[k] + disc.b2[k]).squeeze(-1))
+    out.sum().backward()
+    assert disc.w1.grad[1].abs().sum() == 0  # discriminator 1 was not used
+
+
+def _blobs(n_per, centers, seed, scale=0.3):
+    rng = np.random.default_rng(seed)
+    x = np.vstack([c + scale * rng.normal(size=(n_per, len(c))) for c in centers])
+    return x, np.repeat(np.arange(len(centers)), n_per)
+
+
+def test_kmeans_finds_separated_blobs_and_is_a_lloyd_fixed_point():
+    x, y = _blobs(40, [[0, 0], [5, 0], [0, 5], [5, 5]], seed=6)
+    labels, centers = sctcm.kmeans(x, 4, seed=0)
+    assert sctcm.ari(y, labels) == 1.0
+    for j in range(4):
+        assert np.allclose(centers[j], x[labels == j].mean(0))
+    dist = ((x[:, None] - centers[None]) ** 2).sum(2)
+    assert np.array_equal(labels, dist.argmin(1))
+
+
+def test_spectral_clustering_recovers_a_planted_partition():
+    rng = np.random.default_rng(7)
+    y = np.repeat(np.arange(4), 50)
+    prob = np.where(y[:, None] == y[None, :], 0.3, 0.01)
+    upper = np.triu(rng.random((200, 200)) < prob, 1)
+    a = sp.csr_matrix((upper | upper.T).astype(float))
+    assert sctcm.ari(y, sctcm.spectral_clustering(a, 4, seed=0)) == 1.0
+
+
+def _pairs_ari(y, pred):
+    """ARI from its definition over all pairs of cells (Hubert & Arabie 1985)."""
+    n = len(y)
+    same_y = [y[i] == y[j] for i, j in itertools.combinations(range(n), 2)]
+    same_p = [pred[i] == pred[j] for i, j in itertools.combinations(range(n), 2)]
+    a = sum(s and t for s, t in zip(same_y, same_p))
+    total = n * (n - 1) / 2
+    expected = sum(same_y) * sum(same_p) / total
+    top = (sum(same_y) + sum(same_p)) / 2
+    return (a - expected) / (top - expected)
+
+
+def _loop_nmi(y, pred):
+    n = len(y)
+    def entropy(v):
+        return -sum(c / n * np.log(c / n) for c in np.unique(v, return_counts=True)[1])
+    mi = 0.0
+    for a in set(y):
+        for b in set(pred):
+            nab = sum(1 for i in range(n) if y[i] == a and pred[i] == b)
+            if nab:
+                na, nb = sum(y == a), sum(pred == b)
+                mi += nab / n * np.log(n * nab / (na * nb))
+    return 2 * mi / (entropy(y) + entropy(pred))
+
+
+def _best_permutation_acc(y, pred):
+    k = max(y.max(), pred.max()) + 1
+    return max(np.mean(np.array(perm)[pred] == y) for perm in itertools.permutations(range(k)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, 60)
+    pred = np.where(rng.random(60) < 0.6, y, rng.integers(0, 4, 60))
+    assert sctcm.ari(y, pred) == pytest.approx(_pairs_ari(y, pred), rel=1e-10)
+    assert sctcm.nmi(y, pred) == pytest.approx(_loop_nmi(y, pred), rel=1e-10)
+    assert sctcm.cluster_acc(y, pred) == pytest.approx(_best_permutation_acc(y, pred))
+
+
+def test_metrics_on_label_permutations_and_independence():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert sctcm.ari(y, (y + 1) % 3) == 1.0
+    assert sctcm.nmi(y, (y + 1) % 3) == pytest.approx(1.0)
+    assert sctcm.cluster_acc(y, (y + 1) % 3) == 1.0
+    assert sctcm.ari(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(-0.5)
+
+
+def _tiny_problem(n_cells=300, seed=0):
+    data = datasets.synthetic(n_cells=n_cells, n_genes=200, n_clusters=3, seed=seed)
+    prepared = datasets.preprocess(data, n_top_genes=150)
+    return prepared, datasets.knn_graph(prepared.x, k=10, n_pcs=20)
+
+
+def _tiny_config(**changes):
+    base = dict(pretrain_epochs=10, max_epochs=12, min_epochs=12, eval_every=6, update_every=3,
+                n_over=6, hidden=32, decoder=(32,), disc_hidden=8, n_cvx=8)
+    return sctcm.Config(**{**base, **changes})
+
+
+def _phase2_parts(seed=0):
+    """A model, its discriminators, optimisers and reliable members, as fit builds them."""
+    prepared, adjacency = _tiny_problem()
+    config = _tiny_config()
+    torch.manual_seed(seed)
+    model = sctcm._Model(prepared.x.shape[1], config)
+    disc = sctcm.Discriminators(3, prepared.x.shape[1], config.disc_hidden)
+    data = {"x": torch.as_tensor(prepared.x), "counts": torch.as_tensor(prepared.counts),
+            "size_factors": torch.as_tensor(prepared.size_factors)[:, None],
+            "a_norm": sctcm.normalized_adjacency(adjacency),
+            "edges": torch.as_tensor(np.vstack(adjacency.nonzero()), dtype=torch.long)}
+    z, rate, l_x, l_a = sctcm._self_supervision(model, data, config)
+    members = [np.arange(k, 300, 3)[:20] for k in range(3)]
+    return model, disc, config, z, rate, l_x + l_a, members
+
+
+def _snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(module, before):
+    return [not torch.equal(p, q) for p, q in zip(module.parameters(), before)]
+
+
+def test_discriminator_step_changes_only_discriminator_parameters():
+    model, disc, config, z, rate, _, members = _phase2_parts()
+    before_model, before_disc = _snapshot(model), _snapshot(disc)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2)
+    assert sctcm._discriminator_step(opt_d, model, disc, z, rate, members, config,
+                                     np.random.default_rng(0)) is not None
+    assert not any(_changed(model, before_model))
+    assert all(_changed(disc, before_disc))
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
+
+
+def test_generator_step_changes_no_discriminator_parameter():
+    model, disc, config, z, rate, l_ss, members = _phase2_parts()
+    before_model, before_disc = _snapshot(model), _snapshot(disc)
+    opt_g = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sctcm._generator_step(opt_g, model, disc, z, rate, l_ss, members, config,
+                          np.random.default_rng(0))
+    assert not any(_changed(disc, before_disc))
+    assert any(_changed(model.encoder, before_model[:4]))
+
+
+def _fit(**changes):
+    prepared, adjacency = _tiny_problem()
+    return sctcm.fit(prepared, adjacency, 3, _tiny_config(**changes), log=lambda line: None)
+
+
+def test_ablation_flags_remove_their_losses():
+    full = {k for row in _fit().history for k in row}
+    assert {"L_c", "L_o", "L_g", "L_d"} <= full
+    no_adv = {k for row in _fit(adversarial=False).history for k in row}
+    assert "L_c" in no_adv and "L_o" in no_adv and not {"L_g", "L_d"} & no_adv
+    no_over = {k for row in _fit(overclustering=False).history for k in row}
+    assert "L_o" not in no_over and "reliable_c" in no_over
+
+
+def test_fit_is_deterministic_for_a_seed():
+    first, second = _fit(seed=3), _fit(seed=3)
+    assert np.array_equal(first.labels, second.labels)
+    # parallel sparse kernels may sum in another order: equal up to float32 round-off
+    assert np.allclose(first.embedding, second.embedding, rtol=0, atol=1e-5)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "sctcm.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_end_to_end_on_synthetic_data(tmp_path):
+    """The whole method on a small synthetic problem must cluster it well (< 60 s)."""
+    data = datasets.synthetic(n_cells=800, n_genes=500, n_clusters=4, seed=1)
+    path = tmp_path / "small.h5"
+    with h5py.File(path, "w") as f:
+        f["X"], f["Y"] = np.asarray(data.counts), data.labels
+    run = _cli(str(path), "--clusters", "4", "--out", "out", "--pretrain-epochs", "60",
+               "--max-epochs", "30", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["metrics"]["ari"] >= 0.9
+    labels = (tmp_path / "out" / "labels.csv").read_text().splitlines()
+    assert labels[0] == "cell,cluster" and len(labels) == 801
+    embedding = (tmp_path / "out" / "embedding.csv").read_text().splitlines()
+    assert len(embedding) == 801 and len(embedding[1].split(",")) == 16
+    history = (tmp_path / "out" / "history.csv").read_text().splitlines()
+    assert "ID" in history[0].split(",") and len(history) > 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "small.h5"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.h5", "--clusters", "3"], "missing.h5"),
+    (["data.h5", "--clusters", "1"], "at least 2"),
+    (["data.h5", "--clusters", "three"], "invalid int value"),
+    (["data.h5", "--clusters", "2.5"], "invalid int value"),
+    (["data.h5", "--clusters", "500"], "more than the"),
+    (["data.h5"], "--clusters K is required"),
+    ([], "PATH or --demo"),
+    (["notes.txt", "--clusters", "3"], "notes.txt"),
+    (["data.h5", "--clusters", "3", "--out", "full"], "not empty"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["X"] = np.random.default_rng(0).poisson(2, (40, 30))
+    (tmp_path / "notes.txt").write_text("not a count matrix\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.csv").write_text("x\n")
+    run = _cli(*args, cwd=tmp_path)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "sctcm_output").exists()
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["old.csv"]

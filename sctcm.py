@@ -1,0 +1,741 @@
+"""scTCM: deep graph clustering of scRNA-seq data toward convex manifolds.
+
+The whole method of Mrabah et al. (IJCAI 2023), Eqs. (1)-(13) and Sec. 3.2, in one file:
+a GCN encoder (Eq. 1), a two-head decoder (structure, Eq. 2; ZINB features, Eq. 3),
+self-supervised pretraining (Eq. 4), then a clustering phase that alternates a clustering
+loss (Eqs. 5-7), an overclustering loss (Eqs. 8-10) and an adversarial loss on decoded
+convex combinations of latent codes (Eqs. 11-13), stopped when the mean intrinsic
+dimension of the clusters reaches their linear intrinsic dimension (Fig. 2).
+
+    python sctcm.py --demo
+    python sctcm.py data.h5 --clusters 9 --out results
+
+References
+- Mrabah, Amar, Bouguessa, Diallo. Toward convex manifolds: a geometric perspective for deep
+  graph clustering of single-cell RNA-seq data. IJCAI 2023.
+- Kipf & Welling. Semi-supervised classification with GCNs (ICLR 2017); Variational graph
+  auto-encoders (NeurIPS workshop 2016).
+- Ng, Jordan, Weiss. On spectral clustering (NeurIPS 2001); Arthur & Vassilvitskii.
+  k-means++ (SODA 2007); Hubert & Arabie 1985 (ARI); Strehl & Ghosh 2002 (NMI).
+"""
+import argparse
+import csv
+import dataclasses
+import inspect
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.linalg import eigsh
+from torch import nn
+
+import datasets
+import geometry
+from zinb import zinb_nll
+
+
+@dataclass
+class Config:
+    """Every hyperparameter of a run; one set of defaults for all datasets."""
+    n_top_genes: int = 1500        # highly variable genes kept by preprocessing
+    n_neighbors: int = 15          # k of the kNN cell graph A
+    n_pcs: int = 50                # principal components the kNN graph is built on
+    hidden: int = 128              # width of the hidden GCN layer, Eq. (1)
+    latent: int = 15               # d, dimension of the latent codes Z
+    decoder: tuple = (128, 256)    # widths of the feature head f_D^(2), Eq. (3)
+    disc_hidden: int = 64          # width of each discriminator's hidden layer, Eq. (12)
+    dropout: float = 0.2           # dropout on the encoder input
+    w_x: float = 1.0               # weight of L_X in L_SS, Eq. (4)
+    w_a: float = 0.3               # weight of L_A in L_SS, Eq. (4)
+    pretrain_epochs: int = 100     # T1, epochs of phase 1
+    lr_pretrain: float = 1e-3      # Adam learning rate of phase 1
+    lr_cluster: float = 5e-4       # Adam learning rate of the clustering and overclustering steps
+    lr_adv: float = 1e-4           # Adam learning rate of the generator and discriminator steps
+    gamma_c: float = 1.5           # weight of L_c in step 1 of phase 2, Sec. 3.2
+    gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2
+    gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2
+    n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10)
+    beta_c: str = "auto"           # Eq. (6) margin threshold: a number, or "auto" (see reliable_frac)
+    beta_o: str = "auto"           # Eq. (9) margin threshold: a number, or "auto"
+    reliable_frac: float = 0.15    # "auto": share of cells reliable when phase 2 starts
+    update_every: int = 10         # epochs between recomputations of the targets q
+    m_cvx: int = 3                 # m, cells per convex combination, Eq. (11)
+    n_cvx: int = 64                # n_cvx, convex combinations per cluster and step, Eq. (11)
+    min_epochs: int = 30           # phase 2 runs at least this long before the ID = LID stop
+    max_epochs: int = 100          # phase 2 stops here if ID never reaches LID
+    eval_every: int = 10           # epochs between ID/LID evaluations and log lines
+    block: int = 1024              # rows of the n x n logits of Eq. (2) alive at a time
+    adversarial: bool = True       # Eqs. (11)-(13); False is the "no adversarial" ablation
+    overclustering: bool = True    # Eqs. (8)-(10); False is the "no overclustering" ablation
+    seed: int = 0                  # seeds numpy and torch once, at the start of fit
+    device: str = "cpu"            # torch device, "cpu" or "cuda"
+
+
+@dataclass
+class Result:
+    """What fit returns: final labels (argmax of Eq. 5), codes Z, one history row per log."""
+    labels: np.ndarray
+    embedding: np.ndarray
+    history: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the graph auto-encoder
+
+def normalized_adjacency(a):
+    """D^-1/2 (A + I) D^-1/2 of Eq. (1), D = diag((A + I) 1), as a sparse torch tensor.
+
+    a: (n, n) scipy sparse 0/1 adjacency without self loops."""
+    a_tilde = sp.csr_matrix(a, dtype=np.float64) + sp.identity(a.shape[0], format="csr")
+    d = np.asarray(a_tilde.sum(axis=1)).ravel() ** -0.5
+    coo = sp.diags(d) @ a_tilde @ sp.diags(d)
+    coo = coo.tocoo()
+    indices = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
+    values = torch.as_tensor(coo.data, dtype=torch.float32)
+    return torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True).coalesce()
+
+
+class Encoder(nn.Module):
+    """f_E: two GCN layers of Eq. (1), ReLU on the hidden one, linear output (as in the GAE)."""
+
+    def __init__(self, n_genes, hidden, latent, dropout):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(n_genes, hidden), nn.Linear(hidden, latent)
+        self.dropout = dropout
+
+    def forward(self, x, a_norm):
+        """x: (n, g) scaled log expression; a_norm: sparse (n, n) -> Z (n, d)."""
+        x = F.dropout(x, self.dropout, self.training)
+        h = torch.relu(torch.sparse.mm(a_norm, self.w1(x)))
+        return torch.sparse.mm(a_norm, self.w2(h))
+
+
+class FeatureHead(nn.Module):
+    """f_D^(2) of Eq. (3): an MLP from z to the ZINB parameters of every gene.
+
+    Returns pi (dropout probability), rate (the mean before the size factor: mu = s_i * rate)
+    and theta (inverse dispersion, the paper's sigma^2 head). The clamps are DCA's ranges."""
+
+    def __init__(self, latent, widths, n_genes):
+        super().__init__()
+        sizes = (latent, *widths)
+        self.mlp = nn.Sequential(*[m for a, b in zip(sizes, sizes[1:])
+                                   for m in (nn.Linear(a, b), nn.ReLU())])
+        self.pi, self.mu, self.theta = (nn.Linear(sizes[-1], n_genes) for _ in range(3))
+
+    def forward(self, z):
+        h = self.mlp(z)
+        rate = torch.exp(self.mu(h).clamp(max=np.log(1e6)))
+        theta = F.softplus(self.theta(h)).clamp(1e-4, 1e4)
+        return torch.sigmoid(self.pi(h)), rate, theta
+
+
+class Discriminators(nn.Module):
+    """f_adv^(k), k = 1..K of Eq. (12): one MLP per cluster, gene space -> logit.
+
+    The K networks have separate weights; they are stored as stacked tensors so that all of them
+    run in one batched matmul. The input is log1p(rate), the decoded expression without the
+    size factor, so that library size cannot tell a cell from a convex combination."""
+
+    def __init__(self, n_clusters, n_genes, hidden):
+        super().__init__()
+        def uniform(*shape, fan_in):
+            return nn.Parameter(torch.empty(*shape).uniform_(-fan_in ** -0.5, fan_in ** -0.5))
+        self.w1 = uniform(n_clusters, n_genes, hidden, fan_in=n_genes)
+        self.b1 = uniform(n_clusters, 1, hidden, fan_in=n_genes)
+        self.w2 = uniform(n_clusters, hidden, 1, fan_in=hidden)
+        self.b2 = uniform(n_clusters, 1, 1, fan_in=hidden)
+
+    def forward(self, x, which):
+        """x: (k', N, g) samples for the discriminators `which` (k',) -> logits (k', N)."""
+        h = torch.relu(torch.bmm(x, self.w1[which]) + self.b1[which])
+        return (torch.bmm(h, self.w2[which]) + self.b2[which]).squeeze(-1)
+
+
+class _AllPairsSoftplus(torch.autograd.Function):
+    """sum_ij softplus(z_i . z_j) and its exact gradient, one block of rows at a time.
+
+    The gradient is 2 sigmoid(Z Z^T) Z (the logits matrix is symmetric); it is computed in the
+    forward pass, so no block of the n x n matrix outlives its loop iteration."""
+
+    @staticmethod
+    def forward(ctx, z, block):
+        total, grad = z.new_zeros(()), torch.empty_like(z)
+        for start in range(0, z.shape[0], block):
+            logits = z[start:start + block] @ z.T
+            total += F.softplus(logits).sum()
+            grad[start:start + block] = 2 * torch.sigmoid(logits) @ z
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None
+
+
+def structure_loss(z, edges, block=1024):
+    """L_A, Eq. (2): weighted binary cross-entropy between A and sigmoid(Z Z^T), from logits.
+
+    Positives are weighted as in the GAE reference: pos_weight = (n^2 - |E|) / |E| and the mean
+    over all n^2 pairs times norm = n^2 / (2 (n^2 - |E|)). Exact over all pairs, written as
+    sum_ij softplus(l_ij) + sum_(i,j) in E [pos_weight softplus(-l_ij) - softplus(l_ij)]
+    (the BCE of a pair is softplus(l) for a = 0 and softplus(-l) for a = 1).
+    z: (n, d); edges: (2, |E|) long tensor listing both directions of every edge of A."""
+    n, n_edges = z.shape[0], edges.shape[1]
+    pos_weight = (n * n - n_edges) / n_edges
+    norm = n * n / (2 * (n * n - n_edges))
+    logits = (z[edges[0]] * z[edges[1]]).sum(1)
+    edge_terms = pos_weight * F.softplus(-logits) - F.softplus(logits)
+    return norm * (_AllPairsSoftplus.apply(z, block) + edge_terms.sum()) / (n * n)
+
+
+# ---------------------------------------------------------------- clustering losses
+
+def soft_assign(z, centers):
+    """Student-t soft assignments p_ij, Eq. (5) (and Eq. (8) with overcluster centres).
+
+    z: (n, d) latent codes z_i; centers: (K, d) centres phi_j -> (n, K), rows sum to 1."""
+    kernel = 1.0 / (1.0 + torch.cdist(z, centers) ** 2)
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def target_distribution(p, beta):
+    """Target assignments q and reliable set Omega, Eqs. (6) and (9).
+
+    A cell is reliable when its top-1 minus top-2 assignment reaches beta; its target is then
+    the one-hot of its argmax, otherwise q_i = p_i. p: (n, K) -> q (n, K), reliable (n,) bool."""
+    top2 = p.topk(2, dim=1).values
+    reliable = top2[:, 0] - top2[:, 1] >= beta
+    onehot = F.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)
+    return torch.where(reliable[:, None], onehot, p), reliable
+
+
+def kl_divergence(q, p, reduction="mean"):
+    """KL(q || p) = sum_i sum_j q_ij log(q_ij / p_ij), Eqs. (7) and (10), with 0 log 0 = 0.
+
+    The argument order is the paper's (target first); the authors' code computes KL(p || q).
+    reduction="sum" is Eq. (7) as written; "mean" divides by n so that gamma_c weighs it
+    against the per-entry mean L_SS."""
+    kl = (torch.xlogy(q, q) - q * torch.log(p)).sum()
+    return kl if reduction == "sum" else kl / p.shape[0]
+
+
+def auto_threshold(p, reliable_frac):
+    """beta such that the `reliable_frac` most confident cells of p are reliable (Eqs. 6, 9).
+
+    Scale-free replacement for a fixed threshold: with the Eq. (2) loss the latent codes are
+    small, Student-t margins stay far below the authors' 0.75-0.92, and a fixed threshold leaves
+    the reliable set empty. Computed once when phase 2 starts, then held fixed."""
+    top2 = p.topk(2, dim=1).values
+    return torch.quantile(top2[:, 0] - top2[:, 1], 1 - reliable_frac).item()
+
+
+def convex_combinations(z, members, m, n_cvx, rng):
+    """Latent convex combinations of Eq. (11): sum_i theta_i f_E(x_i), theta ~ Dirichlet(1).
+
+    members: one index array per cluster (reliable cells of that cluster); clusters with fewer
+    than m members are skipped. Returns (z_cvx (k', n_cvx, d), clusters (k',) long) or None."""
+    active = [k for k, idx in enumerate(members) if len(idx) >= m]
+    if not active:
+        return None
+    picks = np.stack([[rng.choice(members[k], m, replace=False) for _ in range(n_cvx)]
+                      for k in active])
+    theta = torch.as_tensor(rng.dirichlet(np.ones(m), size=(len(active), n_cvx)),
+                            dtype=z.dtype, device=z.device)
+    z_cvx = (theta[..., None] * z[torch.as_tensor(picks, device=z.device)]).sum(2)
+    return z_cvx, torch.as_tensor(active, device=z.device)
+
+
+def discriminator_loss(real_logits, fake_logits):
+    """L_d = sum_k L_d^(k), Eq. (12): real = reconstructions, fake = decoded convex combinations.
+
+    Eq. (12) as printed, E[log(1 - D(x_hat))] + E[log D(x_cvx)], is the value function; taken
+    literally its minimum is -infinity. We minimise the cross-entropy with the same labels,
+    -E[log D(x_hat)] - E[log(1 - D(x_cvx))], through logits: log D = -softplus(-l),
+    log(1 - D) = -softplus(l). Logits: (k', N), one row per discriminator."""
+    return (F.softplus(-real_logits).mean(1) + F.softplus(fake_logits).mean(1)).sum()
+
+
+def generator_loss(fake_logits):
+    """L_g = sum_k E[log(1 - D_k(x_cvx))], Eq. (13), minimised by encoder and feature head."""
+    return (-F.softplus(fake_logits)).mean(1).sum()
+
+
+# ---------------------------------------------------------------- clustering helpers
+
+def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
+    """k-means: k-means++ seeding, Lloyd iterations, n_init restarts, lowest inertia kept.
+
+    x: (n, d) array -> labels (n,), centers (k, d)."""
+    x = np.asarray(x, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    best = (np.inf, None, None)
+    for _ in range(n_init):
+        centers = _kmeans_pp(x, k, rng)
+        for _ in range(max_iter):
+            dist = _sq_dist(x, centers)
+            labels = dist.argmin(1)
+            new = np.array([x[labels == j].mean(0) if np.any(labels == j) else centers[j]
+                            for j in range(k)])
+            shift = np.sum((new - centers) ** 2)
+            centers = new
+            if shift <= tol * np.mean(np.var(x, 0)):
+                break
+        dist = _sq_dist(x, centers)
+        labels, inertia = dist.argmin(1), dist.min(1).sum()
+        if inertia < best[0]:
+            best = (inertia, labels, centers)
+    return best[1], best[2]
+
+
+def _sq_dist(x, centers):
+    """Squared Euclidean distances (n, k), clipped at 0 against round-off."""
+    d = (x ** 2).sum(1)[:, None] - 2 * x @ centers.T + (centers ** 2).sum(1)[None]
+    return np.maximum(d, 0)
+
+
+def _kmeans_pp(x, k, rng):
+    """k-means++ seeding: each next centre drawn with probability proportional to D(x)^2."""
+    centers = [x[rng.integers(len(x))]]
+    closest = _sq_dist(x, centers[0][None])[:, 0]
+    for _ in range(1, k):
+        total = closest.sum()
+        i = rng.choice(len(x), p=closest / total) if total > 0 else rng.integers(len(x))
+        centers.append(x[i])
+        closest = np.minimum(closest, _sq_dist(x, x[i][None])[:, 0])
+    return np.array(centers)
+
+
+def spectral_clustering(a, k, seed=0):
+    """Spectral clustering of the cell graph A (Ng, Jordan & Weiss 2001), used for phi^c.
+
+    Top-k eigenvectors of D^-1/2 (A + I) D^-1/2, rows scaled to unit length, then kmeans.
+    a: (n, n) scipy sparse adjacency -> labels (n,)."""
+    a_tilde = sp.csr_matrix(a, dtype=np.float64) + sp.identity(a.shape[0], format="csr")
+    d = sp.diags(np.asarray(a_tilde.sum(axis=1)).ravel() ** -0.5)
+    v0 = np.random.default_rng(seed).random(a.shape[0])
+    _, vectors = eigsh(d @ a_tilde @ d, k=k, which="LA", v0=v0)
+    rows = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return kmeans(rows, k, seed=seed)[0]
+
+
+# ---------------------------------------------------------------- metrics
+
+def _contingency(y, pred):
+    """Counts n_ij of cells with true class i and predicted cluster j."""
+    _, yi = np.unique(y, return_inverse=True)
+    _, pj = np.unique(pred, return_inverse=True)
+    table = np.zeros((yi.max() + 1, pj.max() + 1), dtype=np.int64)
+    np.add.at(table, (yi, pj), 1)
+    return table
+
+
+def cluster_acc(y, pred):
+    """Clustering accuracy: the best one-to-one map of clusters to classes (Hungarian)."""
+    table = _contingency(y, pred)
+    rows, cols = linear_sum_assignment(-table)
+    return table[rows, cols].sum() / len(y)
+
+
+def nmi(y, pred):
+    """Normalised mutual information, arithmetic normalisation: 2 I(Y; C) / (H(Y) + H(C))."""
+    table = _contingency(y, pred) / len(y)
+    py, pc = table.sum(1), table.sum(0)
+    nz = table > 0
+    mi = np.sum(table[nz] * np.log(table[nz] / np.outer(py, pc)[nz]))
+    h = -np.sum(py * np.log(py)) - np.sum(pc * np.log(pc))
+    return 1.0 if h == 0 else float(2 * mi / h)
+
+
+def ari(y, pred):
+    """Adjusted Rand index (Hubert & Arabie 1985) from the contingency table."""
+    table = _contingency(y, pred)
+    pairs = lambda c: (c * (c - 1) / 2).sum()
+    index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / pairs(np.array([len(y)]))
+    top = (rows + cols) / 2
+    return 1.0 if top == expected else float((index - expected) / (top - expected))
+
+
+def _scores(y, pred):
+    """ACC, NMI, ARI as a dict, or {} when labels are unknown."""
+    if y is None:
+        return {}
+    return {"acc": cluster_acc(y, pred), "nmi": nmi(y, pred), "ari": ari(y, pred)}
+
+
+# ---------------------------------------------------------------- training
+
+class _Model(nn.Module):
+    """The generator f_D^(2) o f_E plus the structure head; the parameters W of the paper."""
+
+    def __init__(self, n_genes, config):
+        super().__init__()
+        self.encoder = Encoder(n_genes, config.hidden, config.latent, config.dropout)
+        self.features = FeatureHead(config.latent, config.decoder, n_genes)
+
+
+def _self_supervision(model, data, config):
+    """One forward pass: Z, decoded (pi, rate, theta), L_X (Eq. 3) and L_A (Eq. 2)."""
+    z = model.encoder(data["x"], data["a_norm"])
+    pi, rate, theta = model.features(z)
+    l_x = zinb_nll(data["counts"], rate * data["size_factors"], theta, pi)
+    l_a = structure_loss(z, data["edges"], config.block)
+    return z, rate, l_x, l_a
+
+
+def _step(optimizer, loss):
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+@torch.no_grad()
+def _codes(model, data):
+    """Z without dropout, for targets, geometry and the final labels."""
+    model.eval()
+    z = model.encoder(data["x"], data["a_norm"])
+    model.train()
+    return z
+
+
+def _threshold(value, p, reliable_frac):
+    """A numeric beta as given, or the scale-free "auto" rule of auto_threshold."""
+    return auto_threshold(p, reliable_frac) if value == "auto" else float(value)
+
+
+def _members(p, reliable, n_clusters):
+    """C_k intersected with Omega_c: reliable cells by their argmax cluster, one array each."""
+    pred, keep = p.argmax(1).cpu().numpy(), reliable.cpu().numpy()
+    return [np.flatnonzero(keep & (pred == k)) for k in range(n_clusters)]
+
+
+def _adversarial(model, z, rate, members, config, rng):
+    """Discriminator inputs: reconstructions of reliable cells (real) and decoded convex
+    combinations (fake), n_cvx of each per cluster; None when no cluster has m reliable cells."""
+    batch = convex_combinations(z, members, config.m_cvx, config.n_cvx, rng)
+    if batch is None:
+        return None
+    z_cvx, active = batch
+    fake = torch.log1p(model.features(z_cvx)[1])
+    real_idx = np.stack([rng.choice(members[k], config.n_cvx) for k in active.tolist()])
+    real = torch.log1p(rate[torch.as_tensor(real_idx, device=z.device)])
+    return real, fake, active
+
+
+def _generator_step(opt_g, model, disc, z, rate, l_ss, members, config, rng):
+    """Step 3 of phase 2: L_SS + gamma_g L_g (Eq. 13) for the encoder and feature head only."""
+    batch = _adversarial(model, z, rate, members, config, rng)
+    l_g = generator_loss(disc(batch[1], batch[2])) if batch else z.new_zeros(())
+    _step(opt_g, l_ss + config.gamma_g * l_g)
+    return l_g.item()
+
+
+def _discriminator_step(opt_d, model, disc, z, rate, members, config, rng):
+    """One update of the K discriminators (Eq. 12), made after every phase-2 step. Their inputs
+    are built without gradient, so the step cannot reach the encoder or feature head."""
+    with torch.no_grad():
+        batch = _adversarial(model, z, rate, members, config, rng)
+    if batch is None:
+        return None
+    real, fake, active = batch
+    l_d = discriminator_loss(disc(real, active), disc(fake, active))
+    _step(opt_d, l_d)
+    return l_d.item()
+
+
+def _geometry(z, labels):
+    """Mean per-cluster ID and LID (geometry.cluster_geometry) of codes z under labels."""
+    return geometry.cluster_geometry(z.cpu().numpy(), labels)
+
+
+def _log(row, log):
+    """One aligned progress line from a history row."""
+    parts = [f"phase {row['phase']}", f"epoch {row['epoch']:4d}/{row['of']}"]
+    for key in ("L_X", "L_A", "L_c", "L_o", "L_g", "L_d"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4f}")
+    if "reliable_c" in row:
+        parts.append(f"reliable {row['reliable_c']}/{row['n']}")
+    for key in ("ID", "LID"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.2f}")
+    for key in ("kmeans_ari", "acc", "nmi", "ari"):
+        if key in row:
+            parts.append(f"{key.upper().replace('KMEANS_ARI', 'ARI(kmeans Z)')} {row[key]:.3f}")
+    log(" | ".join(parts))
+
+
+def fit(prepared, adjacency, n_clusters, config=None, log=print):
+    """Train scTCM on a preprocessed dataset: phase 1 (Eq. 4), centres, phase 2 (Sec. 3.2).
+
+    prepared: datasets.Prepared (x = encoder input, counts + size_factors = ZINB target,
+    labels used for scoring only); adjacency: (n, n) scipy sparse A; n_clusters: K.
+    Phase 2 alternates the paper's three steps, one full-batch step per epoch in turn:
+    L_SS + gamma_c L_c, L_SS + gamma_o L_o, L_SS + gamma_g L_g (an ablation drops its step),
+    each followed by a discriminator update (Eq. 12). It stops when mean ID >= mean LID
+    (after min_epochs) or at max_epochs."""
+    config = config or Config()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    device = torch.device(config.device)
+    y = prepared.labels
+    coo = sp.coo_matrix(adjacency)
+    data = {
+        "x": torch.as_tensor(prepared.x, dtype=torch.float32, device=device),
+        "counts": torch.as_tensor(prepared.counts, dtype=torch.float32, device=device),
+        "size_factors": torch.as_tensor(prepared.size_factors, dtype=torch.float32,
+                                        device=device)[:, None],
+        "a_norm": normalized_adjacency(adjacency).to(device),
+        "edges": torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long, device=device),
+    }
+    n, n_genes = prepared.x.shape
+    model = _Model(n_genes, config).to(device)
+    history = []
+
+    def record(row):
+        row.update(n=n)
+        history.append(row)
+        _log(row, log)
+
+    # --- phase 1: self-supervision (L_SS, Eq. 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)
+    for epoch in range(1, config.pretrain_epochs + 1):
+        _, _, l_x, l_a = _self_supervision(model, data, config)
+        _step(optimizer, config.w_x * l_x + config.w_a * l_a)
+        if epoch % config.eval_every == 0 or epoch == config.pretrain_epochs:
+            z = _codes(model, data)
+            km = kmeans(z.cpu().numpy(), n_clusters, seed=config.seed, n_init=3)[0]
+            row = {"phase": 1, "epoch": epoch, "of": config.pretrain_epochs,
+                   "L_X": l_x.item(), "L_A": l_a.item()}
+            row["ID"], row["LID"] = _geometry(z, km)
+            if y is not None:
+                row["kmeans_ari"] = ari(y, km)
+            record(row)
+
+    # --- initial centres: phi^c from spectral clustering on A, phi^o = k-means (K_o) on Z
+    z = _codes(model, data)
+    spectral = spectral_clustering(adjacency, n_clusters, seed=config.seed)
+    phi_c = torch.stack([z[spectral == k].mean(0) for k in range(n_clusters)])
+    phi_c = nn.Parameter(phi_c)
+    phi_o = nn.Parameter(torch.as_tensor(
+        kmeans(z.cpu().numpy(), config.n_over, seed=config.seed)[1],
+        dtype=torch.float32, device=device))
+    disc = Discriminators(n_clusters, n_genes, config.disc_hidden).to(device)
+    ae = list(model.parameters())
+    opt_c = torch.optim.Adam(ae + [phi_c], lr=config.lr_cluster)
+    opt_o = torch.optim.Adam(ae + [phi_o], lr=config.lr_cluster)
+    opt_g = torch.optim.Adam(ae, lr=config.lr_adv)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=config.lr_adv)
+    with torch.no_grad():
+        beta_c = _threshold(config.beta_c, soft_assign(z, phi_c), config.reliable_frac)
+        beta_o = _threshold(config.beta_o, soft_assign(z, phi_o), config.reliable_frac)
+    log(f"phase 2 | beta_c {beta_c:.4f} | beta_o {beta_o:.4f}")
+
+    # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
+    steps = ["c"] + ["o"] * config.overclustering + ["g"] * config.adversarial
+    losses = {}
+    for epoch in range(1, config.max_epochs + 1):
+        if (epoch - 1) % config.update_every == 0:
+            # q is a target: recomputed here, held fixed in between, Eqs. (6) and (9)
+            with torch.no_grad():
+                z = _codes(model, data)
+                p_c = soft_assign(z, phi_c)
+                q_c, reliable_c = target_distribution(p_c, beta_c)
+                q_o, reliable_o = target_distribution(soft_assign(z, phi_o), beta_o)
+                members = _members(p_c, reliable_c, n_clusters)
+        z, rate, l_x, l_a = _self_supervision(model, data, config)
+        l_ss = config.w_x * l_x + config.w_a * l_a
+        losses.update(L_X=l_x.item(), L_A=l_a.item())
+        step = steps[(epoch - 1) % len(steps)]
+        if step == "c":
+            l_c = kl_divergence(q_c, soft_assign(z, phi_c))
+            _step(opt_c, l_ss + config.gamma_c * l_c)
+            losses["L_c"] = l_c.item()
+        elif step == "o":
+            l_o = kl_divergence(q_o, soft_assign(z, phi_o))
+            _step(opt_o, l_ss + config.gamma_o * l_o)
+            losses["L_o"] = l_o.item()
+        else:
+            losses["L_g"] = _generator_step(opt_g, model, disc, z, rate, l_ss, members,
+                                            config, rng)
+        if config.adversarial:
+            l_d = _discriminator_step(opt_d, model, disc, z, rate, members, config, rng)
+            if l_d is not None:
+                losses["L_d"] = l_d
+
+        if epoch % config.eval_every == 0 or epoch == config.max_epochs:
+            z = _codes(model, data)
+            pred = soft_assign(z, phi_c).argmax(1).cpu().numpy()
+            row = {"phase": 2, "epoch": epoch, "of": config.max_epochs, **losses,
+                   "reliable_c": int(reliable_c.sum()), "reliable_o": int(reliable_o.sum())}
+            row["ID"], row["LID"] = _geometry(z, pred)
+            row.update(_scores(y, pred))
+            record(row)
+            if epoch >= config.min_epochs and row["ID"] >= row["LID"]:
+                log(f"phase 2 | stop at epoch {epoch}: mean ID {row['ID']:.2f} >= "
+                    f"mean LID {row['LID']:.2f}")
+                break
+
+    # --- final labels: argmax of Eq. (5)
+    z = _codes(model, data)
+    labels = soft_assign(z, phi_c).argmax(1).cpu().numpy()
+    return Result(labels=labels, embedding=z.cpu().numpy(), history=history,
+                  metrics={**_scores(y, labels), "phase2_epochs": epoch})
+
+
+# ---------------------------------------------------------------- command line
+
+def _field_help():
+    """Config field -> its one-line comment, the help text of its command-line flag."""
+    return dict(re.findall(r"^    (\w+): .*?# (.+)$", inspect.getsource(Config), re.M))
+
+
+def _beta(text):
+    """A threshold flag: "auto" or a number."""
+    return text if text == "auto" else float(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Usage errors as one line and exit code 2, like every other bad input."""
+        self.exit(2, f"sctcm: error: {message}\n")
+
+
+def _parser():
+    parser = _Parser(description="scTCM deep graph clustering of a scRNA-seq count matrix.")
+    parser.add_argument("path", nargs="?", help="count matrix: .h5, .h5ad, 10x folder, CSV/TSV")
+    parser.add_argument("--clusters", type=int, help="K, the number of clusters (required "
+                        "for a file; labels in the file are used for scoring only)")
+    parser.add_argument("--demo", action="store_true", help="run on datasets.synthetic()")
+    parser.add_argument("--out", default="sctcm_output", help="output folder (must not exist "
+                        "or be empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder once the run has finished")
+    parser.add_argument("--label-key", help="obs column holding the labels of an .h5ad file")
+    helps = _field_help()
+    for f in dataclasses.fields(Config):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=helps[f.name])
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=default, help=helps[f.name])
+        elif f.name.startswith("beta"):
+            parser.add_argument(flag, type=_beta, default=default, help=helps[f.name])
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=helps[f.name])
+    return parser
+
+
+def _inputs(args):
+    """Load, check and preprocess the input; every bad input raises ValueError (one line)."""
+    if args.demo == bool(args.path):
+        raise ValueError("give either a count matrix PATH or --demo")
+    if args.demo:
+        dataset = datasets.synthetic()
+        k = args.clusters or len(dataset.label_names)
+    else:
+        if args.clusters is None:
+            raise ValueError("--clusters K is required with a file")
+        dataset = datasets.load(args.path, label_key=args.label_key)
+        k = args.clusters
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: output folder exists and is not empty (use --overwrite)")
+    if k < 2:
+        raise ValueError(f"--clusters must be at least 2, got {k}")
+    prepared = datasets.preprocess(dataset, n_top_genes=args.n_top_genes)
+    if k > prepared.x.shape[0]:
+        raise ValueError(f"--clusters {k} is more than the {prepared.x.shape[0]} cells")
+    adjacency = datasets.knn_graph(prepared.x, k=args.n_neighbors, n_pcs=args.n_pcs)
+    return dataset, prepared, adjacency, k
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _write_outputs(folder, prepared, result, summary):
+    """labels.csv, embedding.csv, history.csv, summary.json into folder."""
+    cells = prepared.cell_names
+    _write_csv(folder / "labels.csv", ["cell", "cluster"], zip(cells, result.labels.tolist()))
+    d = result.embedding.shape[1]
+    _write_csv(folder / "embedding.csv", ["cell"] + [f"z{j + 1}" for j in range(d)],
+               ([c, *row] for c, row in zip(cells, result.embedding.tolist())))
+    keys = list(dict.fromkeys(k for row in result.history for k in row))
+    _write_csv(folder / "history.csv", keys, ([row.get(k, "") for k in keys]
+                                              for row in result.history))
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _publish(tmp, out, overwrite):
+    """Move the finished temporary folder to --out, so --out never holds half a run."""
+    if out.exists() and overwrite:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    """The command line: python sctcm.py PATH --clusters K, or python sctcm.py --demo."""
+    args = _parser().parse_args(argv)
+    start = time.time()
+    try:
+        dataset, prepared, adjacency, k = _inputs(args)
+    except ValueError as err:
+        print(f"sctcm: error: {err}", file=sys.stderr)
+        return 2
+    config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    config.decoder = tuple(config.decoder)
+    n, g = prepared.x.shape
+    for note in prepared.notes:
+        print(note)
+    print(f"{dataset.name}: {n} cells x {g} genes, K = {k}, graph {adjacency.nnz // 2} edges")
+    prep_seconds = time.time() - start
+    result = fit(prepared, adjacency, k, config)
+    seconds = time.time() - start
+    scores = " | ".join(f"{key.upper()} {v:.4f}" for key, v in result.metrics.items()
+                        if key in ("acc", "nmi", "ari"))
+    print(f"done in {seconds:.1f} s" + (f" | {scores}" if scores else ""))
+    summary = {
+        "dataset": dataset.name, "cells": n, "genes": g, "clusters": k,
+        "metrics": result.metrics,
+        "seconds": {"preprocess_and_graph": prep_seconds, "total": seconds},
+        "peak_memory_mb": _peak_memory_mb(),
+        "config": dataclasses.asdict(config),
+        "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
+                     "scipy": scipy.__version__, "torch": torch.__version__},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    _write_outputs(tmp, prepared, result, summary)
+    _publish(tmp, out, args.overwrite)
+    print(f"wrote {out}/: labels.csv embedding.csv history.csv summary.json")
+    return 0
+
+
+def _peak_memory_mb():
+    """Peak resident memory of this process in MB (Linux reports ru_maxrss in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    sys.exit(main())
