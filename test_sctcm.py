@@ -19,9 +19,14 @@ import scipy.io
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 import datasets
+import geometry
 import sctcm
+import zinb
+from geometry import cluster_geometry, pca_lid, twonn_id
+from zinb import zinb_nll
 
 REPO = Path(__file__).resolve().parent
 DATA = REPO.parent / "shared" / "data"
@@ -434,6 +439,239 @@ def test_synthetic_clusters_are_graph_separable():
     assert np.mean(p.labels[a.row] == p.labels[a.col]) > 0.97  # edges stay inside clusters
 
 
+# ---------------------------------------------------------------- zinb.py
+
+COUNTS = [0, 1, 2, 3, 7, 10, 100, 1000, 10_000]
+MEANS = [1e-5, 1e-3, 0.1, 1.0, 10.0, 1e3, 1e6]
+THETAS = [1e-4, 1e-2, 1.0, 100.0, 1e4]
+PIS = [0.0, 0.1, 0.5, 0.999]
+
+
+def _grid(dtype):
+    """Every combination of COUNTS x MEANS x THETAS x PIS as four flat tensors."""
+    mesh = np.meshgrid(COUNTS, MEANS, THETAS, PIS, indexing="ij")
+    return [torch.tensor(a.ravel(), dtype=dtype) for a in mesh]
+
+
+def _scipy_zinb_logpmf(x, mu, theta, pi):
+    """log ZINB from scipy's NB pmf (n = theta, p = theta / (theta + mu)) and the mixture."""
+    log_nb = stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+    with np.errstate(divide="ignore"):
+        log_pi = np.log(pi)
+    return np.where(x == 0, np.logaddexp(log_pi, np.log1p(-pi) + log_nb), np.log1p(-pi) + log_nb)
+
+
+def test_zinb_matches_scipy_over_the_parameter_grid():
+    x, mu, theta, pi = _grid(torch.float64)
+    ours = -zinb_nll(x, mu, theta, pi, reduction="none").numpy()
+    reference = _scipy_zinb_logpmf(*(a.numpy() for a in (x, mu, theta, pi)))
+    assert np.all(np.isfinite(reference))
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=0)
+
+
+def test_zinb_pi_zero_is_the_negative_binomial():
+    x, mu, theta = (torch.tensor(a, dtype=torch.float64) for a in ([0, 4, 30], [2.0, 3.0, 25.0],
+                                                                      [0.5, 10.0, 2.0]))
+    ours = -zinb_nll(x, mu, theta, torch.zeros(3, dtype=torch.float64), reduction="none")
+    p = (theta / (theta + mu)).numpy()
+    np.testing.assert_allclose(ours.numpy(), stats.nbinom.logpmf(x.numpy(), theta.numpy(), p),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("mu, theta, pi", [(0.5, 0.1, 0.3), (5.0, 2.0, 0.0), (50.0, 0.5, 0.9),
+                                           (1e3, 100.0, 0.2), (1e-3, 1e-4, 0.5)])
+def test_zinb_sums_to_one_over_the_support(mu, theta, pi):
+    counts = torch.arange(0, 20_001, dtype=torch.float64)
+    log_p = -zinb_nll(counts, torch.tensor(mu, dtype=torch.float64), theta, pi, reduction="none")
+    assert abs(torch.logsumexp(log_p, 0).item()) < 1e-10
+
+
+def test_zinb_float32_extremes_are_finite_with_finite_gradients():
+    x, mu, theta, pi = _grid(torch.float32)
+    params = [a.clone().requires_grad_() for a in (mu, theta, pi)]
+    nll = zinb_nll(x, *params, reduction="none")
+    assert torch.isfinite(nll).all()
+    nll.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in params)
+    # float32 keeps the value to a few spacings of lgamma(x + theta) ~ 1e5 (0.008 each), where
+    # x or theta is 1e4 and the lgamma terms cancel
+    reference = zinb_nll(*(a.double() for a in (x, mu, theta, pi)), reduction="none")
+    np.testing.assert_allclose(nll.detach().numpy(), reference.numpy(), rtol=1e-3, atol=0.05)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_zinb_gradcheck_float64(reduction):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.tensor([[0, 0, 1, 5], [3, 0, 0, 40], [0, 2, 9, 0]], dtype=torch.float64)
+    mu = torch.exp(torch.randn(3, 4, generator=gen, dtype=torch.float64)) * 3
+    theta = torch.exp(torch.randn(1, 4, generator=gen, dtype=torch.float64))   # per gene
+    pi = torch.sigmoid(torch.randn(3, 1, generator=gen, dtype=torch.float64))  # per cell
+    inputs = [a.requires_grad_() for a in (mu, theta, pi)]
+    assert torch.autograd.gradcheck(lambda m, t, p: zinb_nll(x, m, t, p, reduction=reduction),
+                                    inputs)
+
+
+def test_zinb_gradient_matches_autograd_over_the_parameter_grid():
+    # the hand-written gradient against autograd through the plain formula (pi > 0: the plain
+    # formula's log(pi) has no usable gradient at pi = 0)
+    grid = _grid(torch.float64)
+    x, mu, theta, pi = (a[grid[3] > 0] for a in grid)
+    ours = [a.clone().requires_grad_() for a in (mu, theta, pi)]
+    zinb_nll(x, *ours, reduction="sum").backward()
+    plain = [a.clone().requires_grad_() for a in (mu, theta, pi)]
+    m, t, p = plain
+    log_r = -t * torch.log1p(m / t)
+    log_nb = (torch.lgamma(x + t) - torch.lgamma(t) - torch.lgamma(x + 1) + log_r
+              + x * (torch.log(m) - torch.log(t + m)))
+    log_p = torch.where(x == 0, torch.logaddexp(torch.log(p), torch.log1p(-p) + log_r),
+                        torch.log1p(-p) + log_nb)
+    (-log_p.sum()).backward()
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-6, atol=1e-10)
+
+
+def test_zinb_gradient_at_pi_zero_is_the_one_sided_derivative():
+    # d/dpi log(pi + (1 - pi) r) at pi = 0 is (1 - r) / r; compare with a forward difference
+    x, mu, theta = (torch.tensor([v], dtype=torch.float64) for v in (0.0, 2.0, 1.5))
+    pi = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    zinb_nll(x, mu, theta, pi, reduction="sum").backward()
+    h = 1e-7
+    forward_difference = (zinb_nll(x, mu, theta, pi.detach() + h, reduction="sum")
+                          - zinb_nll(x, mu, theta, pi.detach(), reduction="sum")) / h
+    np.testing.assert_allclose(pi.grad.item(), forward_difference.item(), rtol=1e-5)
+    r = (theta / (theta + mu)) ** theta
+    np.testing.assert_allclose(-pi.grad.item(), ((1 - r) / r).item(), rtol=1e-10)
+
+
+def test_zinb_reductions_are_consistent():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.poisson(torch.full((6, 5), 2.0), generator=gen)
+    mu, theta, pi = torch.rand(6, 5, generator=gen) * 4 + 0.1, torch.ones(5) * 2.0, 0.2
+    per_entry = zinb_nll(x, mu, theta, pi, reduction="none")
+    assert per_entry.shape == (6, 5)
+    torch.testing.assert_close(zinb_nll(x, mu, theta, pi, reduction="sum"), per_entry.sum())
+    torch.testing.assert_close(zinb_nll(x, mu, theta, pi), per_entry.mean())
+    with torch.no_grad():
+        torch.testing.assert_close(zinb_nll(x, mu.requires_grad_(), theta, pi), per_entry.mean())
+    with pytest.raises(ValueError):
+        zinb_nll(x, mu, theta, pi, reduction="max")
+
+
+def test_zinb_precomputed_lgamma_and_blocks_give_the_same_result(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.poisson(torch.rand(7, 9, generator=gen) * 5, generator=gen)
+    params = (torch.rand(7, 9, generator=gen) * 5 + 0.1, torch.rand(9, generator=gen) + 0.5,
+              torch.rand(7, 1, generator=gen) * 0.5)
+
+    def value_and_grads(**kwargs):
+        leaves = [a.clone().requires_grad_() for a in params]
+        loss = zinb_nll(x, *leaves, reduction="sum", **kwargs)
+        loss.backward()
+        return [loss] + [a.grad for a in leaves]
+
+    default = value_and_grads()
+    for a, b in zip(value_and_grads(lgamma_x1=torch.lgamma(x + 1)), default):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(zinb, "_BLOCK", 5)      # many blocks, boundaries inside rows
+    for a, b in zip(value_and_grads(), default):
+        torch.testing.assert_close(a, b)
+
+
+def test_zinb_broadcast_gradient_matches_the_expanded_one():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.poisson(torch.full((4, 3), 3.0), generator=gen).double()
+    mu = torch.rand(4, 3, generator=gen, dtype=torch.float64) * 5 + 0.1
+    theta_gene = torch.rand(1, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    theta_full = theta_gene.detach().expand(4, 3).clone().requires_grad_()
+    zinb_nll(x, mu, theta_gene, 0.1).backward()
+    zinb_nll(x, mu, theta_full, 0.1).backward()
+    assert theta_gene.grad.shape == (1, 3)
+    torch.testing.assert_close(theta_gene.grad, theta_full.grad.sum(0, keepdim=True))
+
+
+def test_zinb_mean_floored_at_eps_stays_finite():
+    mu = torch.tensor([0.0, 0.0, 1.0], requires_grad=True)     # an exp head that underflowed
+    theta = torch.tensor([1.0, 1.0, 0.0], requires_grad=True)  # a softplus head that underflowed
+    nll = zinb_nll(torch.tensor([0.0, 3.0, 2.0]), mu, theta, 0.1, reduction="none")
+    assert torch.isfinite(nll).all()
+    nll.sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(theta.grad).all()
+    assert mu.grad[:2].eq(0).all() and theta.grad[2] == 0      # the floor is flat
+
+
+# ---------------------------------------------------------------- geometry.py
+
+def _swiss_roll(n, rng):
+    """A 2-d swiss roll in R^3 (ID 2, LID 3)."""
+    t = rng.uniform(1.5 * np.pi, 4.5 * np.pi, n)
+    return np.column_stack([t * np.cos(t), rng.uniform(0, 21, n), t * np.sin(t)])
+
+
+@pytest.mark.parametrize("d", [2, 5, 8])
+def test_twonn_uniform_cube(d):
+    # boundary effects bias TwoNN low in a cube (about 8% at d = 8): 20,000 points keep it in 10%
+    z = np.random.default_rng(0).uniform(size=(20_000, d))
+    assert abs(twonn_id(z) - d) < 0.1 * d
+
+
+@pytest.mark.parametrize("d", [2, 5, 8])
+def test_twonn_sphere_without_boundary(d):
+    g = np.random.default_rng(1).normal(size=(5000, d + 1))
+    assert abs(twonn_id(g / np.linalg.norm(g, axis=1, keepdims=True)) - d) < 0.06 * d
+
+
+def test_swiss_roll_in_r15_has_id_2_and_lid_3():
+    rng = np.random.default_rng(2)
+    z = _swiss_roll(5000, rng) @ rng.normal(size=(3, 15))
+    assert abs(twonn_id(z) - 2) < 0.2
+    assert pca_lid(z) == 3
+
+
+def test_twonn_merges_duplicate_points():
+    z = np.random.default_rng(3).uniform(size=(3000, 2))
+    with_copies = np.concatenate([z, z[:500], z[:100]])
+    assert twonn_id(with_copies) == twonn_id(z)
+    assert np.isnan(twonn_id(np.ones((50, 4))))
+    assert np.isnan(twonn_id(np.repeat(np.eye(2), 10, axis=0)))   # two distinct points
+
+
+def test_pca_lid_linear_subspace_and_gaussian():
+    rng = np.random.default_rng(4)
+    plane3 = rng.normal(size=(3000, 3)) @ rng.normal(size=(3, 15))
+    assert pca_lid(plane3 + 1e-6 * rng.normal(size=plane3.shape)) == 3
+    assert pca_lid(rng.normal(size=(3000, 15))) >= 14
+
+
+def test_pca_lid_is_a_count_and_drops_constant_coordinates():
+    # four points on the axes: after standardisation two equal, uncorrelated variances
+    z = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert pca_lid(z, variance=0.4) == 1
+    assert pca_lid(z, variance=0.6) == 2
+    assert pca_lid(np.column_stack([z, np.full(4, 0.1)]), variance=0.6) == 2
+    assert pca_lid(np.full((10, 3), 0.1)) == 0
+
+
+def test_cluster_geometry_averages_the_large_clusters():
+    rng = np.random.default_rng(5)
+    plane = np.zeros((800, 15))
+    plane[:, :2] = rng.uniform(size=(800, 2))
+    roll = _swiss_roll(1500, rng) @ rng.normal(size=(3, 15))
+    small = rng.normal(size=(15, 15))                              # under min_size: ignored
+    z = np.concatenate([plane, roll, small])
+    labels = np.repeat([7, 2, 4], [800, 1500, 15])
+    mean_id, mean_lid = cluster_geometry(z, labels, min_size=20)
+    by_hand = [(twonn_id(c), pca_lid(c)) for c in (plane, roll)]
+    assert mean_id == pytest.approx(np.mean([i for i, _ in by_hand]))
+    assert mean_lid == pytest.approx(np.mean([lid for _, lid in by_hand]))
+    assert mean_lid == pytest.approx(2.5)                          # LIDs 2 and 3
+    assert np.isnan(cluster_geometry(z, labels, min_size=2000)).all()
+
+
+def test_geometry_does_not_import_torch():
+    source = open(geometry.__file__).read()
+    assert "import torch" not in source and "from torch" not in source
+
+
 # ---------------------------------------------------------------- sctcm.py
 
 def _random_graph(n, p, seed):
@@ -733,6 +971,9 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path):
     (["data.h5", "--clusters", "three"], "invalid int value"),
     (["data.h5", "--clusters", "2.5"], "invalid int value"),
     (["data.h5", "--clusters", "500"], "more than the"),
+    (["data.h5", "--clusters", "3", "--n-over", "100"], "more than the"),
+    (["data.h5", "--clusters", "3", "--dropout", "1.5"], "--dropout"),
+    (["data.h5", "--clusters", "3", "--pretrain-epochs", "0"], "--pretrain-epochs"),
     (["data.h5"], "--clusters K is required"),
     ([], "PATH or --demo"),
     (["notes.txt", "--clusters", "3"], "notes.txt"),
