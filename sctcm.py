@@ -642,8 +642,26 @@ def _parser():
     return parser
 
 
-def _inputs(args):
+def _check_config(config):
+    """Raise a one-line ValueError for a setting that cannot run."""
+    positive = ("hidden", "latent", "disc_hidden", "pretrain_epochs", "max_epochs", "eval_every",
+                "update_every", "m_cvx", "n_cvx", "block", "n_top_genes", "n_neighbors", "n_pcs")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= config.dropout < 1:
+        raise ValueError("--dropout must be in [0, 1)")
+    if not 0 < config.reliable_frac <= 1:
+        raise ValueError("--reliable-frac must be in (0, 1]")
+    if config.n_over < 2:
+        raise ValueError("--n-over must be at least 2")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: CUDA is not available here")
+
+
+def _inputs(args, config):
     """Load, check and preprocess the input; every bad input raises ValueError (one line)."""
+    _check_config(config)
     if args.demo == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
     if args.demo:
@@ -659,10 +677,11 @@ def _inputs(args):
         raise ValueError(f"{out}: output folder exists and is not empty (use --overwrite)")
     if k < 2:
         raise ValueError(f"--clusters must be at least 2, got {k}")
-    prepared = datasets.preprocess(dataset, n_top_genes=args.n_top_genes)
-    if k > prepared.x.shape[0]:
-        raise ValueError(f"--clusters {k} is more than the {prepared.x.shape[0]} cells")
-    adjacency = datasets.knn_graph(prepared.x, k=args.n_neighbors, n_pcs=args.n_pcs)
+    prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
+    if max(k, config.n_over) > prepared.x.shape[0]:
+        raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
+                         f"{prepared.x.shape[0]} cells")
+    adjacency = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
     return dataset, prepared, adjacency, k
 
 
@@ -697,13 +716,13 @@ def main(argv=None):
     """The command line: python sctcm.py PATH --clusters K, or python sctcm.py --demo."""
     args = _parser().parse_args(argv)
     start = time.time()
+    config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    config.decoder = tuple(config.decoder)
     try:
-        dataset, prepared, adjacency, k = _inputs(args)
+        dataset, prepared, adjacency, k = _inputs(args, config)
     except ValueError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
-    config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-    config.decoder = tuple(config.decoder)
     n, g = prepared.x.shape
     for note in prepared.notes:
         print(note)
