@@ -390,10 +390,11 @@ class _Model(nn.Module):
 
 
 def _self_supervision(model, data, config):
-    """One forward pass: Z, decoded (pi, rate, theta), L_X (Eq. 3) and L_A (Eq. 2)."""
+    """One forward pass: Z, decoded rate, L_X (Eq. 3) and L_A (Eq. 2)."""
     z = model.encoder(data["x"], data["a_norm"])
     pi, rate, theta = model.features(z)
-    l_x = zinb_nll(data["counts"], rate * data["size_factors"], theta, pi)
+    l_x = zinb_nll(data["counts"], rate * data["size_factors"], theta, pi,
+                   lgamma_x1=data["lgamma_x1"])
     l_a = structure_loss(z, data["edges"], config.block)
     return z, rate, l_x, l_a
 
@@ -495,9 +496,11 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print):
     device = torch.device(config.device)
     y = prepared.labels
     coo = sp.coo_matrix(adjacency)
+    counts = torch.as_tensor(prepared.counts, dtype=torch.float32, device=device)
     data = {
         "x": torch.as_tensor(prepared.x, dtype=torch.float32, device=device),
-        "counts": torch.as_tensor(prepared.counts, dtype=torch.float32, device=device),
+        "counts": counts,
+        "lgamma_x1": torch.lgamma(counts + 1),  # depends on the counts only: computed once
         "size_factors": torch.as_tensor(prepared.size_factors, dtype=torch.float32,
                                         device=device)[:, None],
         "a_norm": normalized_adjacency(adjacency).to(device),

@@ -881,7 +881,8 @@ def _phase2_parts(seed=0):
     torch.manual_seed(seed)
     model = sctcm._Model(prepared.x.shape[1], config)
     disc = sctcm.Discriminators(3, prepared.x.shape[1], config.disc_hidden)
-    data = {"x": torch.as_tensor(prepared.x), "counts": torch.as_tensor(prepared.counts),
+    counts = torch.as_tensor(prepared.counts)
+    data = {"x": torch.as_tensor(prepared.x), "counts": counts, "lgamma_x1": torch.lgamma(counts + 1),
             "size_factors": torch.as_tensor(prepared.size_factors)[:, None],
             "a_norm": sctcm.normalized_adjacency(adjacency),
             "edges": torch.as_tensor(np.vstack(adjacency.nonzero()), dtype=torch.long)}
