@@ -95,14 +95,18 @@ class Result:
 
 # ---------------------------------------------------------------- the graph auto-encoder
 
+def _normalize(a):
+    """D^-1/2 (A + I) D^-1/2 with D = diag((A + I) 1), as a scipy sparse matrix."""
+    a_tilde = sp.csr_matrix(a, dtype=np.float64) + sp.identity(a.shape[0], format="csr")
+    d = sp.diags(np.asarray(a_tilde.sum(axis=1)).ravel() ** -0.5)
+    return d @ a_tilde @ d
+
+
 def normalized_adjacency(a):
     """D^-1/2 (A + I) D^-1/2 of Eq. (1), D = diag((A + I) 1), as a sparse torch tensor.
 
     a: (n, n) scipy sparse 0/1 adjacency without self loops."""
-    a_tilde = sp.csr_matrix(a, dtype=np.float64) + sp.identity(a.shape[0], format="csr")
-    d = np.asarray(a_tilde.sum(axis=1)).ravel() ** -0.5
-    coo = sp.diags(d) @ a_tilde @ sp.diags(d)
-    coo = coo.tocoo()
+    coo = _normalize(a).tocoo()
     indices = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
     values = torch.as_tensor(coo.data, dtype=torch.float32)
     return torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True).coalesce()
@@ -325,10 +329,8 @@ def spectral_clustering(a, k, seed=0):
 
     Top-k eigenvectors of D^-1/2 (A + I) D^-1/2, rows scaled to unit length, then kmeans.
     a: (n, n) scipy sparse adjacency -> labels (n,)."""
-    a_tilde = sp.csr_matrix(a, dtype=np.float64) + sp.identity(a.shape[0], format="csr")
-    d = sp.diags(np.asarray(a_tilde.sum(axis=1)).ravel() ** -0.5)
     v0 = np.random.default_rng(seed).random(a.shape[0])
-    _, vectors = eigsh(d @ a_tilde @ d, k=k, which="LA", v0=v0)
+    _, vectors = eigsh(_normalize(a), k=k, which="LA", v0=v0)
     rows = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     return kmeans(rows, k, seed=seed)[0]
 
