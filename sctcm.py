@@ -68,7 +68,7 @@ class Config:
     gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2
     gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2
     n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10)
-    beta_c: str = "auto"           # Eq. (6) margin threshold: a number, or "auto" (see reliable_frac)
+    beta_c: str = "auto"           # Eq. (6) margin threshold: a number, or "auto" (reliable_frac)
     beta_o: str = "auto"           # Eq. (9) margin threshold: a number, or "auto"
     reliable_frac: float = 0.15    # "auto": share of cells reliable when phase 2 starts
     update_every: int = 10         # epochs between recomputations of the targets q
@@ -477,9 +477,10 @@ def _log(row, log):
     for key in ("ID", "LID"):
         if key in row:
             parts.append(f"{key} {row[key]:.2f}")
-    for key in ("kmeans_ari", "acc", "nmi", "ari"):
+    names = {"kmeans_ari": "ARI(kmeans Z)", "acc": "ACC", "nmi": "NMI", "ari": "ARI"}
+    for key, name in names.items():
         if key in row:
-            parts.append(f"{key.upper().replace('KMEANS_ARI', 'ARI(kmeans Z)')} {row[key]:.3f}")
+            parts.append(f"{name} {row[key]:.3f}")
     log(" | ".join(parts))
 
 
