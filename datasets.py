@@ -517,7 +517,7 @@ def knn_graph(x, k=15, n_pcs=50):
     if n < 2 or k < 1:
         raise ValueError(f"knn_graph needs at least 2 cells and k >= 1 (got {n} cells, k={k})")
     k = min(k, n - 1)
-    pcs = _pca(x, n_pcs)
+    pcs = pca(x, n_pcs)
     _, idx = cKDTree(pcs).query(pcs, k=k + 1, workers=-1)
     keep = idx != np.arange(n)[:, None]
     keep[keep.all(axis=1), -1] = False  # duplicates of a cell can push it out of its own list
@@ -526,7 +526,7 @@ def knn_graph(x, k=15, n_pcs=50):
     return a.maximum(a.T).tocsr()
 
 
-def _pca(x, n_pcs=50):
+def pca(x, n_pcs=50):
     """Coordinates of x on its top n_pcs principal components, by an eigendecomposition of the
     smaller of X^T X (g x g) and X X^T (n x n), X = x centred. x: (n, g) -> (n, min(n_pcs, n, g)).
     When every component is asked for, X itself is returned (the rotation changes no distance)."""
