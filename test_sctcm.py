@@ -4,6 +4,7 @@ Run: python -m pytest -q. Each test compares against something independent of th
 test: files written here by h5py / scipy.io / csv, numbers worked out by hand, brute-force loops.
 Tests on the real data in ../shared/data skip cleanly when that folder is absent.
 """
+import csv
 import gzip
 import itertools
 import json
@@ -993,3 +994,71 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "sctcm_output").exists()
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["old.csv"]
+
+
+# ---------------------------------------------------------------- reproduce.py
+
+QUICK = ("--pretrain-epochs 3 --max-epochs 3 --min-epochs 1 --eval-every 1 --n-over 4 "
+         "--hidden 16 --latent 4 --decoder 16 --disc-hidden 4 --n-cvx 4")
+
+
+def _reproduce(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=240)
+
+
+def _row(table, start):
+    """Cells of the first markdown table row that starts with the given cells."""
+    line = next(l for l in table.splitlines() if l.startswith(start))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem, seed in (("a", 0), ("b", 1)):
+        ds = datasets.synthetic(n_cells=240, n_genes=120, n_clusters=3, seed=seed)
+        _write(data / f"{stem}.h5", X=np.asarray(ds.counts), Y=ds.labels)
+    _write_h5ad(data / "a.h5ad", np.asarray(ds.counts), ds.labels)  # same stem as a.h5: skipped
+    _write(data / "c.h5", X=np.asarray(ds.counts))  # no labels: skipped
+    args = [str(data), "--seeds", "1", "--out", "rep", "--ablate", "a", "--figure", "a",
+            "--sctcm-args", QUICK]
+    first = _reproduce(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    runs = tmp_path / "rep" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in (runs / "a").iterdir()) == [
+        "full", "neither", "no-adversarial", "no-overclustering"]
+    assert [p.name for p in (runs / "b").iterdir()] == ["full"]
+
+    summary = runs / "a" / "full" / "seed0" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    second = _reproduce(*args, cwd=tmp_path)
+    assert second.returncode == 0 and "seed 0" not in second.stdout  # nothing re-run
+    assert summary.stat().st_mtime_ns == before
+
+    results = (tmp_path / "rep" / "results.md").read_text()
+    metrics = json.loads(summary.read_text())["metrics"]
+    cells = _row(results, "| a (K=3) | scTCM | 1 |")
+    assert cells[5] == f"{metrics['ari']:.3f} ± 0.000"
+    assert _row(results, "| | k-means, 50 PCs |")[2] == "1"
+    neither = json.loads((runs / "a" / "neither" / "seed0" / "summary.json").read_text())
+    assert _row(results, "| neither |")[4] == f"{neither['metrics']['ari']:.3f} ± 0.000"
+
+    curve = list(csv.DictReader(open(tmp_path / "rep" / "fig2_a.csv")))
+    history = list(csv.DictReader(open(runs / "a" / "neither" / "seed0" / "history.csv")))
+    mine = [r for r in curve if r["variant"] == "neither"]
+    assert [r["ID"] for r in mine] == [r["ID"] for r in history if r["ID"]]
+    assert {r["phase"] for r in mine} == {"1", "2"}
+    assert {r["variant"] for r in curve} == {"full", "neither"}
+
+
+@pytest.mark.parametrize("folder, message", [("missing", "no such folder"),
+                                             ("empty", "no labelled")])
+def test_reproduce_bad_folder_exits_2_with_one_line(tmp_path, folder, message):
+    (tmp_path / "empty").mkdir()
+    run = _reproduce(folder, "--out", "rep", cwd=tmp_path)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert not (tmp_path / "rep").exists()

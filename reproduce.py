@@ -1,0 +1,242 @@
+"""Reproduce Table 1, Table 2 and Fig. 2 of the paper on a folder of labelled count matrices.
+
+    python reproduce.py ../shared/data --seeds 3 --out reproduction
+
+Every (dataset, variant, seed) is one run of sctcm.py's command line in its own process, so
+its time and peak memory are its own; it lands in OUT/runs/<dataset>/<variant>/seed<s>/.
+A run whose folder exists is not repeated, so an interrupted reproduction resumes where it
+stopped. K is the number of labels of each file, as in the paper. Then OUT/results.md gets
+the tables, OUT/fig2_<dataset>.csv the ID and LID curves, and OUT/fig2_<dataset>.png a plot
+when matplotlib happens to be installed.
+"""
+import argparse
+import csv
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import datasets
+from sctcm import ari, cluster_acc, kmeans, nmi
+
+SCTCM = Path(__file__).resolve().with_name("sctcm.py")
+VARIANTS = {  # the rows of the paper's Table 2 and the flags that make them
+    "full": [],
+    "no adversarial": ["--no-adversarial"],
+    "no overclustering": ["--no-overclustering"],
+    "neither": ["--no-adversarial", "--no-overclustering"],
+}
+PAPER_YOUNG = {  # paper, Tables 1 and 2, Young: ACC, NMI, ARI in %, mean of ten runs
+    "full": (85.30, 84.86, 79.74),
+    "no adversarial": (84.57, 84.08, 75.71),
+    "no overclustering": (84.22, 84.01, 77.59),
+    "neither": (82.11, 82.41, 74.33),
+}
+LEIDEN_ARI = {  # scanpy, 2000 HVGs, 50 PCs, 15 neighbours, Leiden tuned to K (quoted, not run)
+    "Young_top2000": 0.565, "10X_PBMC_top2000": 0.692, "Mouse_bladder_top2000": 0.528,
+    "Mouse_bladder_select2100": 0.442, "Baron_mouse": 0.402,
+}
+METRICS = ("acc", "nmi", "ari")
+
+
+def labelled_files(folder):
+    """The .h5 / .h5ad files of folder that carry labels, as (stem, path, K); an .h5ad file with
+    the same stem as an .h5 file is taken to be the same data and skipped."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix in (".h5", ".h5ad"))
+    stems = {p.stem for p in paths if p.suffix == ".h5"}
+    found = []
+    for path in paths:
+        if path.suffix == ".h5ad" and path.stem in stems:
+            continue
+        labels = datasets.load(path).labels
+        if labels is not None:
+            found.append((path.stem, path, len(np.unique(labels))))
+    return found
+
+
+def run(path, k, variant, seed, out, extra):
+    """One sctcm.py run into OUT/runs/<stem>/<variant>/seed<seed>, unless it is there already."""
+    folder = out / "runs" / path.stem / variant.replace(" ", "-") / f"seed{seed}"
+    if folder.exists():
+        return
+    log = out / "logs" / f"{path.stem}-{variant.replace(' ', '-')}-seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{path.stem} | {variant} | seed {seed}", flush=True)
+    command = [sys.executable, str(SCTCM), str(path), "--clusters", str(k), "--seed", str(seed),
+               "--out", str(folder), *VARIANTS[variant], *extra]
+    with open(log, "w") as f:
+        if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+            raise RuntimeError(f"{path.stem} {variant} seed {seed} failed, see {log}")
+
+
+def baseline(path, k, seeds):
+    """k-means (ours) on the top 50 principal components of the preprocessed matrix, per seed."""
+    prepared = datasets.preprocess(datasets.load(path))
+    pcs = datasets.pca(prepared.x, 50)
+    scores = []
+    for seed in seeds:
+        pred = kmeans(pcs, k, seed=seed)[0]
+        y = prepared.labels
+        scores.append({"acc": cluster_acc(y, pred), "nmi": nmi(y, pred), "ari": ari(y, pred)})
+    return scores
+
+
+def summaries(out, stem, variant, seeds):
+    """summary.json of every finished seed of one dataset and variant."""
+    folder = out / "runs" / stem / variant.replace(" ", "-")
+    files = [folder / f"seed{seed}" / "summary.json" for seed in seeds]
+    return [json.loads(f.read_text()) for f in files if f.exists()]
+
+
+def _mean_std(values, scale=1.0):
+    """'mean +- std' (sample std over seeds) of a list of numbers."""
+    values = np.asarray(values, dtype=float) * scale
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.3f} ± {std:.3f}"
+
+
+def _scores(rows):
+    """The ACC, NMI and ARI cells of a table row from per-seed metric dicts."""
+    return [_mean_std([r[m] for r in rows]) for m in METRICS]
+
+
+def table1(out, files, seeds, baselines):
+    """Markdown: scTCM (full) per dataset with time, memory and phase-2 epochs, beside the
+    k-means-on-50-PCs baseline (run here) and the Leiden ARI (quoted)."""
+    lines = ["| dataset | method | seeds | ACC | NMI | ARI | mean time (s) | peak memory (GB) "
+             "| phase-2 epochs |", "|---|---|---|---|---|---|---|---|---|"]
+    for stem, _, k in files:
+        runs = summaries(out, stem, "full", seeds)
+        if runs:
+            epochs = ", ".join(str(r["metrics"]["phase2_epochs"]) for r in runs)
+            lines.append(
+                f"| {stem} (K={k}) | scTCM | {len(runs)} | "
+                + " | ".join(_scores([r["metrics"] for r in runs]))
+                + f" | {np.mean([r['seconds']['total'] for r in runs]):.0f}"
+                f" | {max(r['peak_memory_mb'] for r in runs) / 1024:.2f} | {epochs} |")
+        lines.append(f"| | k-means, 50 PCs | {len(seeds)} | "
+                     + " | ".join(_scores(baselines[stem])) + " | | | |")
+        if stem in LEIDEN_ARI:
+            lines.append(f"| | Leiden (scanpy, quoted) | | | | {LEIDEN_ARI[stem]:.3f} | | | |")
+    return "\n".join(lines)
+
+
+def table2(out, stem, seeds):
+    """Markdown: the four variants of the paper's Table 2 on one dataset (the paper's numbers
+    beside ours where the paper has them)."""
+    paper = PAPER_YOUNG if stem.startswith("Young") else {}
+    lines = [f"| {stem} | seeds | ACC | NMI | ARI | mean time (s) |"
+             + (" paper ACC / NMI / ARI |" if paper else ""),
+             "|---|---|---|---|---|---|" + ("---|" if paper else "")]
+    for variant in VARIANTS:
+        runs = summaries(out, stem, variant, seeds)
+        if not runs:
+            continue
+        seconds = np.mean([r["seconds"]["total"] for r in runs])
+        cells = [variant, str(len(runs)), *_scores([r["metrics"] for r in runs]), f"{seconds:.0f}"]
+        if paper:
+            cells.append(" / ".join(f"{v / 100:.3f}" for v in paper[variant]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fig2(out, stem, seed):
+    """ID and LID per logged epoch, both phases, full model and 'neither': a CSV, and a PNG
+    when matplotlib is installed. Returns the CSV path, or None before the runs exist."""
+    curves = {}
+    for variant in ("full", "neither"):
+        history = out / "runs" / stem / variant / f"seed{seed}" / "history.csv"
+        if not history.exists():
+            return None
+        with open(history) as f:
+            curves[variant] = [r for r in csv.DictReader(f) if r.get("ID")]
+    path = out / f"fig2_{stem}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "phase", "epoch", "step", "ID", "LID"])
+        for variant, rows in curves.items():
+            for step, r in enumerate(rows):
+                writer.writerow([variant, r["phase"], r["epoch"], step, r["ID"], r["LID"]])
+    _plot(out / f"fig2_{stem}.png", stem, curves)
+    return path
+
+
+def _plot(path, stem, curves):
+    """Fig. 2 as a PNG, only when matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    for ax, (variant, rows) in zip(axes, curves.items()):
+        for key in ("ID", "LID"):
+            ax.plot([float(r[key]) for r in rows], label=key)
+        start = next((i for i, r in enumerate(rows) if r["phase"] == "2"), len(rows))
+        ax.axvline(start - 0.5, color="grey", lw=0.8)
+        ax.set_title(f"{stem}: {variant} (P1 | P2)")
+        ax.set_xlabel("logged epoch")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(description="Reproduce the paper's tables and Fig. 2.")
+    parser.add_argument("folder", nargs="?", default="../shared/data",
+                        help="folder of labelled .h5/.h5ad count matrices")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per dataset")
+    parser.add_argument("--out", default="reproduction", help="output folder (resumed if there)")
+    parser.add_argument("--ablate", nargs="+", metavar="STEM",
+                        default=["Young_top2000", "10X_PBMC_top2000", "Baron_mouse"],
+                        help="datasets that also run the three ablations of Table 2")
+    parser.add_argument("--figure", nargs="+", metavar="STEM",
+                        default=["Young_top2000", "10X_PBMC_top2000"],
+                        help="datasets whose ID/LID curves make Fig. 2")
+    parser.add_argument("--sctcm-args", default="",
+                        help="extra sctcm.py flags for every run, e.g. '--max-epochs 50'")
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    out, seeds, extra = Path(args.out), range(args.seeds), shlex.split(args.sctcm_args)
+    try:
+        if args.seeds < 1:
+            raise ValueError("--seeds must be at least 1")
+        if not Path(args.folder).is_dir():
+            raise ValueError(f"{args.folder}: no such folder")
+        files = labelled_files(args.folder)
+        if not files:
+            raise ValueError(f"{args.folder}: no labelled .h5 or .h5ad file")
+    except ValueError as err:
+        print(f"reproduce: error: {err}", file=sys.stderr)
+        return 2
+    ablate = set(args.ablate) | set(args.figure)
+    try:
+        for seed in seeds:
+            for stem, path, k in files:
+                for variant in VARIANTS if stem in ablate else ["full"]:
+                    run(path, k, variant, seed, out, extra)
+    except RuntimeError as err:
+        print(f"reproduce: error: {err}", file=sys.stderr)
+        return 1
+    baselines = {stem: baseline(path, k, seeds) for stem, path, k in files}
+    parts = ["## Table 1: scTCM with the defaults", table1(out, files, seeds, baselines),
+             "## Table 2: ablations"]
+    parts += [table2(out, stem, seeds) for stem, _, _ in files if stem in args.ablate]
+    figures = [fig2(out, stem, 0) for stem, _, _ in files if stem in args.figure]
+    parts += ["## Fig. 2: ID and LID per logged epoch (seed 0)"]
+    parts += [f"- `{p}`" for p in figures if p]
+    (out / "results.md").write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
