@@ -192,10 +192,10 @@ def _parser():
                         help="folder of labelled .h5/.h5ad count matrices")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per dataset")
     parser.add_argument("--out", default="reproduction", help="output folder (resumed if there)")
-    parser.add_argument("--ablate", nargs="+", metavar="STEM",
+    parser.add_argument("--ablate", nargs="*", metavar="STEM",
                         default=["Young_top2000", "10X_PBMC_top2000", "Baron_mouse"],
                         help="datasets that also run the three ablations of Table 2")
-    parser.add_argument("--figure", nargs="+", metavar="STEM",
+    parser.add_argument("--figure", nargs="*", metavar="STEM",
                         default=["Young_top2000", "10X_PBMC_top2000"],
                         help="datasets whose ID/LID curves make Fig. 2")
     parser.add_argument("--sctcm-args", default="",

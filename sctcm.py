@@ -68,6 +68,7 @@ class Config:
     gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2
     gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2
     n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10)
+    init: str = "spectral"         # phi^c from "spectral" clusters of A (paper) or "kmeans" on PCs
     beta_c: str = "auto"           # Eq. (6) margin threshold: a number, or "auto" (reliable_frac)
     beta_o: str = "auto"           # Eq. (9) margin threshold: a number, or "auto"
     reliable_frac: float = 0.15    # "auto": share of cells reliable when phase 2 starts
@@ -394,6 +395,15 @@ class _Model(nn.Module):
         self.features = FeatureHead(config.latent, config.decoder, n_genes)
 
 
+def _initial_partition(prepared, adjacency, n_clusters, config):
+    """The cells' partition whose mean codes become phi^c: spectral clustering of A, as the
+    paper says (init="spectral"), or kmeans on the top n_pcs principal components of the
+    encoder input (init="kmeans"; not in the paper, see the README for when it is better)."""
+    if config.init == "spectral":
+        return spectral_clustering(adjacency, n_clusters, seed=config.seed)
+    return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
+
+
 def _self_supervision(model, data, config):
     """One forward pass: Z, decoded rate, L_X (Eq. 3) and L_A (Eq. 2)."""
     z = model.encoder(data["x"], data["a_norm"])
@@ -536,11 +546,10 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print):
                 row["kmeans_ari"] = ari(y, km)
             record(row)
 
-    # --- initial centres: phi^c from spectral clustering on A, phi^o = k-means (K_o) on Z
+    # --- initial centres: phi^c = mean codes of a partition of the cells, phi^o = k-means on Z
     z = _codes(model, data)
-    spectral = spectral_clustering(adjacency, n_clusters, seed=config.seed)
-    phi_c = torch.stack([z[spectral == k].mean(0) for k in range(n_clusters)])
-    phi_c = nn.Parameter(phi_c)
+    start = _initial_partition(prepared, adjacency, n_clusters, config)
+    phi_c = nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)]))
     phi_o = nn.Parameter(torch.as_tensor(
         kmeans(z.cpu().numpy(), config.n_over, seed=config.seed)[1],
         dtype=torch.float32, device=device))
@@ -662,6 +671,8 @@ def _check_config(config):
         raise ValueError("--dropout must be in [0, 1)")
     if not 0 < config.reliable_frac <= 1:
         raise ValueError("--reliable-frac must be in (0, 1]")
+    if config.init not in ("spectral", "kmeans"):
+        raise ValueError(f"--init must be spectral or kmeans, got {config.init}")
     if config.n_over < 2:
         raise ValueError("--n-over must be at least 2")
     if config.device.startswith("cuda") and not torch.cuda.is_available():

@@ -935,6 +935,26 @@ def test_ablation_flags_remove_their_losses():
     assert "L_o" not in no_over and "reliable_c" in no_over
 
 
+@pytest.mark.parametrize("init", ["spectral", "kmeans"])
+def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
+    """phi^c starts at the mean code of each cluster of the chosen partition of the cells."""
+    prepared, adjacency = _tiny_problem()
+    pcs = datasets.pca(prepared.x, 50)
+    expected = (sctcm.spectral_clustering(adjacency, 3, seed=0) if init == "spectral"
+                else sctcm.kmeans(pcs, 3, seed=0)[0])
+    original, calls = sctcm.soft_assign, []
+
+    def spy(z, centers):
+        calls.append((z.detach().clone().numpy(), centers.detach().clone().numpy()))
+        return original(z, centers)
+
+    monkeypatch.setattr(sctcm, "soft_assign", spy)
+    sctcm.fit(prepared, adjacency, 3, _tiny_config(init=init), log=lambda line: None)
+    z, centers = calls[0]  # the first call is with the initial phi^c
+    means = np.stack([z[expected == k].mean(0) for k in range(3)])
+    assert np.allclose(centers, means, atol=1e-5)
+
+
 def test_fit_is_deterministic_for_a_seed():
     first, second = _fit(seed=3), _fit(seed=3)
     assert np.array_equal(first.labels, second.labels)
@@ -976,6 +996,7 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path):
     (["data.h5", "--clusters", "3", "--n-over", "100"], "more than the"),
     (["data.h5", "--clusters", "3", "--dropout", "1.5"], "--dropout"),
     (["data.h5", "--clusters", "3", "--pretrain-epochs", "0"], "--pretrain-epochs"),
+    (["data.h5", "--clusters", "3", "--init", "random"], "--init"),
     (["data.h5"], "--clusters K is required"),
     ([], "PATH or --demo"),
     (["notes.txt", "--clusters", "3"], "notes.txt"),
