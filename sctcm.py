@@ -329,9 +329,7 @@ def spectral_clustering(a, k, seed=0):
     """Spectral clustering of the cell graph A (Ng, Jordan & Weiss 2001), used for phi^c.
 
     Top-k eigenvectors of D^-1/2 A D^-1/2, rows scaled to unit length, then kmeans. The paper
-    clusters A itself: no self loops here, unlike the GCN of Eq. (1). (With A + I the demo data
-    starts phase 2 at ARI 0.86 instead of 0.99; averaged over five real datasets the two differ
-    by 0.003.)
+    clusters A itself: no self loops here, unlike the GCN of Eq. (1).
     a: (n, n) scipy sparse adjacency without isolated cells -> labels (n,)."""
     v0 = np.random.default_rng(seed).random(a.shape[0])
     _, vectors = eigsh(_normalize(a), k=k, which="LA", v0=v0)
