@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import datasets
-from sctcm import ari, cluster_acc, kmeans, nmi
+from sctcm import kmeans, scores
 
 SCTCM = Path(__file__).resolve().with_name("sctcm.py")
 VARIANTS = {  # the rows of the paper's Table 2 and the flags that make them
@@ -43,26 +43,31 @@ METRICS = ("acc", "nmi", "ari")
 
 
 def labelled_files(folder):
-    """The .h5 / .h5ad files of folder that carry labels, as (stem, path, K); an .h5ad file with
-    the same stem as an .h5 file is taken to be the same data and skipped."""
+    """The .h5 / .h5ad files of folder that carry labels, as (stem, path, K, dataset); an .h5ad
+    file with the same stem as an .h5 file is taken to be the same data and skipped."""
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix in (".h5", ".h5ad"))
     stems = {p.stem for p in paths if p.suffix == ".h5"}
     found = []
     for path in paths:
         if path.suffix == ".h5ad" and path.stem in stems:
             continue
-        labels = datasets.load(path).labels
-        if labels is not None:
-            found.append((path.stem, path, len(np.unique(labels))))
+        dataset = datasets.load(path)
+        if dataset.labels is not None:
+            found.append((path.stem, path, len(np.unique(dataset.labels)), dataset))
     return found
+
+
+def _folder(out, stem, variant):
+    """OUT/runs/<stem>/<variant>, the variant's spaces made dashes."""
+    return out / "runs" / stem / variant.replace(" ", "-")
 
 
 def run(path, k, variant, seed, out, extra):
     """One sctcm.py run into OUT/runs/<stem>/<variant>/seed<seed>, unless it is there already."""
-    folder = out / "runs" / path.stem / variant.replace(" ", "-") / f"seed{seed}"
+    folder = _folder(out, path.stem, variant) / f"seed{seed}"
     if folder.exists():
         return
-    log = out / "logs" / f"{path.stem}-{variant.replace(' ', '-')}-seed{seed}.log"
+    log = out / "logs" / f"{path.stem}-{folder.parent.name}-seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"{path.stem} | {variant} | seed {seed}", flush=True)
     command = [sys.executable, str(SCTCM), str(path), "--clusters", str(k), "--seed", str(seed),
@@ -72,22 +77,16 @@ def run(path, k, variant, seed, out, extra):
             raise RuntimeError(f"{path.stem} {variant} seed {seed} failed, see {log}")
 
 
-def baseline(path, k, seeds):
+def baseline(dataset, k, seeds):
     """k-means (ours) on the top 50 principal components of the preprocessed matrix, per seed."""
-    prepared = datasets.preprocess(datasets.load(path))
+    prepared = datasets.preprocess(dataset)
     pcs = datasets.pca(prepared.x, 50)
-    scores = []
-    for seed in seeds:
-        pred = kmeans(pcs, k, seed=seed)[0]
-        y = prepared.labels
-        scores.append({"acc": cluster_acc(y, pred), "nmi": nmi(y, pred), "ari": ari(y, pred)})
-    return scores
+    return [scores(prepared.labels, kmeans(pcs, k, seed=seed)[0]) for seed in seeds]
 
 
 def summaries(out, stem, variant, seeds):
     """summary.json of every finished seed of one dataset and variant."""
-    folder = out / "runs" / stem / variant.replace(" ", "-")
-    files = [folder / f"seed{seed}" / "summary.json" for seed in seeds]
+    files = [_folder(out, stem, variant) / f"seed{seed}" / "summary.json" for seed in seeds]
     return [json.loads(f.read_text()) for f in files if f.exists()]
 
 
@@ -98,7 +97,7 @@ def _mean_std(values, scale=1.0):
     return f"{values.mean():.3f} ± {std:.3f}"
 
 
-def _scores(rows):
+def _score_cells(rows):
     """The ACC, NMI and ARI cells of a table row from per-seed metric dicts."""
     return [_mean_std([r[m] for r in rows]) for m in METRICS]
 
@@ -108,17 +107,17 @@ def table1(out, files, seeds, baselines):
     k-means-on-50-PCs baseline (run here) and the Leiden ARI (quoted)."""
     lines = ["| dataset | method | seeds | ACC | NMI | ARI | mean time (s) | peak memory (GB) "
              "| phase-2 epochs |", "|---|---|---|---|---|---|---|---|---|"]
-    for stem, _, k in files:
+    for stem, _, k, _ in files:
         runs = summaries(out, stem, "full", seeds)
         if runs:
             epochs = ", ".join(str(r["metrics"]["phase2_epochs"]) for r in runs)
             lines.append(
                 f"| {stem} (K={k}) | scTCM | {len(runs)} | "
-                + " | ".join(_scores([r["metrics"] for r in runs]))
+                + " | ".join(_score_cells([r["metrics"] for r in runs]))
                 + f" | {np.mean([r['seconds']['total'] for r in runs]):.0f}"
                 f" | {max(r['peak_memory_mb'] for r in runs) / 1024:.2f} | {epochs} |")
         lines.append(f"| | k-means, 50 PCs | {len(seeds)} | "
-                     + " | ".join(_scores(baselines[stem])) + " | | | |")
+                     + " | ".join(_score_cells(baselines[stem])) + " | | | |")
         if stem in LEIDEN_ARI:
             lines.append(f"| | Leiden (scanpy, quoted) | | | | {LEIDEN_ARI[stem]:.3f} | | | |")
     return "\n".join(lines)
@@ -136,7 +135,8 @@ def table2(out, stem, seeds):
         if not runs:
             continue
         seconds = np.mean([r["seconds"]["total"] for r in runs])
-        cells = [variant, str(len(runs)), *_scores([r["metrics"] for r in runs]), f"{seconds:.0f}"]
+        cells = [variant, str(len(runs)), *_score_cells([r["metrics"] for r in runs]),
+                 f"{seconds:.0f}"]
         if paper:
             cells.append(" / ".join(f"{v / 100:.3f}" for v in paper[variant]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -148,7 +148,7 @@ def fig2(out, stem, seed):
     when matplotlib is installed. Returns the CSV path, or None before the runs exist."""
     curves = {}
     for variant in ("full", "neither"):
-        history = out / "runs" / stem / variant / f"seed{seed}" / "history.csv"
+        history = _folder(out, stem, variant) / f"seed{seed}" / "history.csv"
         if not history.exists():
             return None
         with open(history) as f:
@@ -220,17 +220,17 @@ def main(argv=None):
     ablate = set(args.ablate) | set(args.figure)
     try:
         for seed in seeds:
-            for stem, path, k in files:
+            for stem, path, k, _ in files:
                 for variant in VARIANTS if stem in ablate else ["full"]:
                     run(path, k, variant, seed, out, extra)
     except RuntimeError as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 1
-    baselines = {stem: baseline(path, k, seeds) for stem, path, k in files}
+    baselines = {stem: baseline(dataset, k, seeds) for stem, _, k, dataset in files}
     parts = ["## Table 1: scTCM with the defaults", table1(out, files, seeds, baselines),
              "## Table 2: ablations"]
-    parts += [table2(out, stem, seeds) for stem, _, _ in files if stem in args.ablate]
-    figures = [fig2(out, stem, 0) for stem, _, _ in files if stem in args.figure]
+    parts += [table2(out, stem, seeds) for stem, *_ in files if stem in args.ablate]
+    figures = [fig2(out, stem, 0) for stem, *_ in files if stem in args.figure]
     parts += ["## Fig. 2: ID and LID per logged epoch (seed 0)"]
     parts += [f"- `{p}`" for p in figures if p]
     (out / "results.md").write_text("\n\n".join(parts) + "\n")

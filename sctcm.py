@@ -375,7 +375,7 @@ def ari(y, pred):
     return 1.0 if top == expected else float((index - expected) / (top - expected))
 
 
-def _scores(y, pred):
+def scores(y, pred):
     """ACC, NMI, ARI as a dict, or {} when labels are unknown."""
     if y is None:
         return {}
@@ -600,7 +600,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print):
             row = {"phase": 2, "epoch": epoch, "of": config.max_epochs, **losses,
                    "reliable_c": int(reliable_c.sum()), "reliable_o": int(reliable_o.sum())}
             row["ID"], row["LID"] = _geometry(z, pred)
-            row.update(_scores(y, pred))
+            row.update(scores(y, pred))
             record(row)
             if epoch >= config.min_epochs and row["ID"] >= row["LID"]:
                 log(f"phase 2 | stop at epoch {epoch}: mean ID {row['ID']:.2f} >= "
@@ -611,7 +611,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print):
     z = _codes(model, data)
     labels = soft_assign(z, phi_c).argmax(1).cpu().numpy()
     return Result(labels=labels, embedding=z.cpu().numpy(), history=history,
-                  metrics={**_scores(y, labels), "phase2_epochs": epoch})
+                  metrics={**scores(y, labels), "phase2_epochs": epoch})
 
 
 # ---------------------------------------------------------------- command line
