@@ -203,7 +203,9 @@ def structure_loss(z, edges, block=1024):
     n, n_edges = z.shape[0], edges.shape[1]
     pos_weight = (n * n - n_edges) / n_edges
     norm = n * n / (2 * (n * n - n_edges))
-    logits = (z[edges[0]] * z[edges[1]]).sum(1)
+    # index_select, not z[edges[0]]: its backward (index_add) sums repeated rows in a fixed order,
+    # while advanced indexing's backward accumulates in thread order and varies between runs.
+    logits = (z.index_select(0, edges[0]) * z.index_select(0, edges[1])).sum(1)
     edge_terms = pos_weight * F.softplus(-logits) - F.softplus(logits)
     return norm * (_AllPairsSoftplus.apply(z, block) + edge_terms.sum()) / (n * n)
 
@@ -261,7 +263,8 @@ def convex_combinations(z, members, m, n_cvx, rng):
                       for k in active])
     theta = torch.as_tensor(rng.dirichlet(np.ones(m), size=(len(active), n_cvx)),
                             dtype=z.dtype, device=z.device)
-    z_cvx = (theta[..., None] * z[torch.as_tensor(picks, device=z.device)]).sum(2)
+    rows = z.index_select(0, torch.as_tensor(picks.ravel(), device=z.device))  # see structure_loss
+    z_cvx = (theta[..., None] * rows.view(*picks.shape, -1)).sum(2)
     return z_cvx, torch.as_tensor(active, device=z.device)
 
 
