@@ -416,6 +416,7 @@ def _self_supervision(model, data, config):
 
 
 def _step(optimizer, loss):
+    _check_finite(loss)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -427,7 +428,15 @@ def _codes(model, data):
     model.eval()
     z = model.encoder(data["x"], data["a_norm"])
     model.train()
-    return z
+    return _check_finite(z)
+
+
+def _check_finite(t):
+    """t, or a one-line FloatingPointError (the command line exits 2) when training diverged."""
+    if not torch.isfinite(t).all():
+        raise FloatingPointError("training diverged (a loss or the latent codes became "
+                                 "infinite or NaN); lower the learning rates")
+    return t
 
 
 def _threshold(value, p, reliable_frac):
@@ -749,7 +758,11 @@ def main(argv=None):
         print(note)
     print(f"{dataset.name}: {n} cells x {g} genes, K = {k}, graph {adjacency.nnz // 2} edges")
     prep_seconds = time.time() - start
-    result = fit(prepared, adjacency, k, config)
+    try:
+        result = fit(prepared, adjacency, k, config)
+    except FloatingPointError as err:
+        print(f"sctcm: error: {err}", file=sys.stderr)
+        return 2
     seconds = time.time() - start
     scores = " | ".join(f"{key.upper()} {v:.4f}" for key, v in result.metrics.items()
                         if key in ("acc", "nmi", "ari"))

@@ -926,6 +926,13 @@ def _fit(**changes):
     return sctcm.fit(prepared, adjacency, 3, _tiny_config(**changes), log=lambda line: None)
 
 
+@pytest.mark.parametrize("changes", [dict(lr_pretrain=1e4),
+                                     dict(w_x=0.0, w_a=0.0, lr_cluster=1e3)])
+def test_fit_stops_with_a_clear_error_when_training_diverges(changes):
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        _fit(**changes)
+
+
 def test_ablation_flags_remove_their_losses():
     full = {k for row in _fit().history for k in row}
     assert {"L_c", "L_o", "L_g", "L_d"} <= full
@@ -1019,6 +1026,7 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path):
     ([], "PATH or --demo"),
     (["notes.txt", "--clusters", "3"], "notes.txt"),
     (["data.h5", "--clusters", "3", "--out", "full"], "not empty"),
+    (["data.h5", "--clusters", "3", "--lr-pretrain", "1e10"], "training diverged"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
     with h5py.File(tmp_path / "data.h5", "w") as f:
