@@ -416,7 +416,6 @@ def _self_supervision(model, data, config):
 
 
 def _step(optimizer, loss):
-    _check_finite(loss)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -431,12 +430,14 @@ def _codes(model, data):
     return _check_finite(z)
 
 
-def _check_finite(t):
-    """t, or a one-line FloatingPointError (the command line exits 2) when training diverged."""
-    if not torch.isfinite(t).all():
-        raise FloatingPointError("training diverged (a loss or the latent codes became "
-                                 "infinite or NaN); lower the learning rates")
-    return t
+def _check_finite(z):
+    """z, or a one-line FloatingPointError (the command line exits 2) when training diverged.
+    Every use of the codes (targets, logs, labels) goes through _codes, so one check suffices:
+    a non-finite loss makes the parameters, and with them the codes, non-finite."""
+    if not torch.isfinite(z).all():
+        raise FloatingPointError("training diverged (the latent codes became infinite or NaN); "
+                                 "lower the learning rates")
+    return z
 
 
 def _threshold(value, p, reliable_frac):
@@ -764,9 +765,9 @@ def main(argv=None):
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
     seconds = time.time() - start
-    scores = " | ".join(f"{key.upper()} {v:.4f}" for key, v in result.metrics.items()
+    scored = " | ".join(f"{key.upper()} {v:.4f}" for key, v in result.metrics.items()
                         if key in ("acc", "nmi", "ari"))
-    print(f"done in {seconds:.1f} s" + (f" | {scores}" if scores else ""))
+    print(f"done in {seconds:.1f} s" + (f" | {scored}" if scored else ""))
     summary = {
         "dataset": dataset.name, "cells": n, "genes": g, "clusters": k,
         "metrics": result.metrics,
