@@ -1089,6 +1089,11 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
     cells = _row(results, "| a (K=3) | scTCM | 1 |")
     assert cells[5] == f"{metrics['ari']:.3f} ± 0.000"
     assert _row(results, "| | k-means, 50 PCs |")[2] == "1"
+    assert _row(results, "| | k-means, 50 PCs, 100 restarts |")[2] == "1"
+    prepared = datasets.preprocess(datasets.load(data / "a.h5"))
+    start = sctcm.spectral_clustering(datasets.knn_graph(prepared.x), 3, seed=0)
+    assert (_row(results, "| | spectral clustering of A (phase-2 start) |")[5]
+            == f"{sctcm.ari(prepared.labels, start):.3f} ± 0.000")
     neither = json.loads((runs / "a" / "neither" / "seed0" / "summary.json").read_text())
     assert _row(results, "| neither |")[4] == f"{neither['metrics']['ari']:.3f} ± 0.000"
 
