@@ -206,6 +206,8 @@ def _parser():
                         help="folder of labelled .h5/.h5ad count matrices")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per dataset")
     parser.add_argument("--out", default="reproduction", help="output folder (resumed if there)")
+    parser.add_argument("--datasets", nargs="+", metavar="STEM",
+                        help="run only these files of the folder (default: every labelled one)")
     parser.add_argument("--ablate", nargs="*", metavar="STEM",
                         default=["Young_top2000", "10X_PBMC_top2000", "Baron_mouse"],
                         help="datasets that also run the three ablations of Table 2")
@@ -226,6 +228,11 @@ def main(argv=None):
         if not Path(args.folder).is_dir():
             raise ValueError(f"{args.folder}: no such folder")
         files = labelled_files(args.folder)
+        if args.datasets:
+            missing = set(args.datasets) - {stem for stem, *_ in files}
+            if missing:
+                raise ValueError(f"{args.folder}: no labelled file named {sorted(missing)[0]}")
+            files = [f for f in files if f[0] in args.datasets]
         if not files:
             raise ValueError(f"{args.folder}: no labelled .h5 or .h5ad file")
     except ValueError as err:

@@ -1114,3 +1114,20 @@ def test_reproduce_bad_folder_exits_2_with_one_line(tmp_path, folder, message):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr
     assert not (tmp_path / "rep").exists()
+
+
+def test_reproduce_datasets_runs_only_the_files_named(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in ("a", "b"):
+        ds = datasets.synthetic(n_cells=120, n_genes=60, n_clusters=3, seed=0)
+        _write(data / f"{stem}.h5", X=np.asarray(ds.counts), Y=ds.labels)
+    unknown = _reproduce(str(data), "--datasets", "b", "zzz", "--out", "rep", cwd=tmp_path)
+    assert unknown.returncode == 2 and "no labelled file named zzz" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "rep").exists()
+    only_b = _reproduce(str(data), "--datasets", "b", "--seeds", "1", "--out", "rep", "--ablate",
+                        "--figure", "--sctcm-args", QUICK, cwd=tmp_path)
+    assert only_b.returncode == 0, only_b.stderr
+    assert [p.name for p in (tmp_path / "rep" / "runs").iterdir()] == ["b"]
+    assert "| b (K=3) | scTCM | 1 |" in (tmp_path / "rep" / "results.md").read_text()
