@@ -42,14 +42,15 @@ LEIDEN_ARI = {  # scanpy, 2000 HVGs, 50 PCs, 15 neighbours, Leiden tuned to K (q
 METRICS = ("acc", "nmi", "ari")
 
 
-def labelled_files(folder):
+def labelled_files(folder, stems=None):
     """The .h5 / .h5ad files of folder that carry labels, as (stem, path, K, dataset); an .h5ad
-    file with the same stem as an .h5 file is taken to be the same data and skipped."""
+    file with the same stem as an .h5 file is taken to be the same data and skipped. stems: read
+    only the files with these stems (default: all)."""
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix in (".h5", ".h5ad"))
-    stems = {p.stem for p in paths if p.suffix == ".h5"}
+    h5_stems = {p.stem for p in paths if p.suffix == ".h5"}
     found = []
     for path in paths:
-        if path.suffix == ".h5ad" and path.stem in stems:
+        if (path.suffix == ".h5ad" and path.stem in h5_stems) or (stems and path.stem not in stems):
             continue
         dataset = datasets.load(path)
         if dataset.labels is not None:
@@ -79,19 +80,19 @@ def run(path, k, variant, seed, out, extra):
 
 def references(dataset, k, seeds):
     """Per-seed scores of the label-free partitions scTCM is compared with, all built with the
-    default Config: our kmeans on the top 50 principal components of the preprocessed matrix
-    (10 restarts, as the kmeans default and the `--init kmeans` start; and 100 restarts, which
-    reach a lower k-means objective), and spectral clustering of the kNN graph A, the partition
-    the default phase 2 starts from. -> {row name: [scores per seed]}."""
+    default Config: our kmeans on the top n_pcs (50) principal components of the preprocessed
+    matrix (10 restarts, as the kmeans default and the `--init kmeans` start; and 100 restarts,
+    which reach a lower k-means objective), and spectral clustering of the kNN graph A, the
+    partition the default phase 2 starts from. -> {row name: [scores per seed]}."""
     config = Config()
     prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
     pcs = datasets.pca(prepared.x, config.n_pcs)
     graph = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
     y = prepared.labels
     return {
-        "k-means, 50 PCs": [scores(y, kmeans(pcs, k, seed=s)[0]) for s in seeds],
-        "k-means, 50 PCs, 100 restarts": [scores(y, kmeans(pcs, k, seed=s, n_init=100)[0])
-                                          for s in seeds],
+        f"k-means, {config.n_pcs} PCs": [scores(y, kmeans(pcs, k, seed=s)[0]) for s in seeds],
+        f"k-means, {config.n_pcs} PCs, 100 restarts": [
+            scores(y, kmeans(pcs, k, seed=s, n_init=100)[0]) for s in seeds],
         "spectral clustering of A (phase-2 start)": [scores(y, spectral_clustering(graph, k, s))
                                                      for s in seeds],
     }
@@ -227,12 +228,10 @@ def main(argv=None):
             raise ValueError("--seeds must be at least 1")
         if not Path(args.folder).is_dir():
             raise ValueError(f"{args.folder}: no such folder")
-        files = labelled_files(args.folder)
-        if args.datasets:
-            missing = set(args.datasets) - {stem for stem, *_ in files}
-            if missing:
-                raise ValueError(f"{args.folder}: no labelled file named {sorted(missing)[0]}")
-            files = [f for f in files if f[0] in args.datasets]
+        files = labelled_files(args.folder, args.datasets)
+        missing = set(args.datasets or ()) - {stem for stem, *_ in files}
+        if missing:
+            raise ValueError(f"{args.folder}: no labelled file named {sorted(missing)[0]}")
         if not files:
             raise ValueError(f"{args.folder}: no labelled .h5 or .h5ad file")
     except ValueError as err:
