@@ -863,6 +863,17 @@ def test_metrics_on_label_permutations_and_independence():
     assert sctcm.ari(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(-0.5)
 
 
+def test_centroid_ari_is_the_nearest_type_mean_by_a_loop():
+    rng = np.random.default_rng(3)
+    y = rng.choice([2, 5, 7], 90)  # label values need not be 0..k-1
+    z = rng.normal(size=(90, 4)) + 0.8 * y[:, None]
+    types = [2, 5, 7]
+    means = {t: z[y == t].mean(0) for t in types}
+    nearest = np.array([min(types, key=lambda t: np.linalg.norm(z_i - means[t])) for z_i in z])
+    assert 0 < np.mean(nearest != y) < 0.5  # overlapping types: not every cell is its type's
+    assert sctcm.centroid_ari(y, z) == pytest.approx(sctcm.ari(y, nearest), rel=1e-12)
+
+
 def _tiny_problem(n_cells=300, seed=0):
     data = datasets.synthetic(n_cells=n_cells, n_genes=200, n_clusters=3, seed=seed)
     prepared = datasets.preprocess(data, n_top_genes=150)
@@ -940,6 +951,15 @@ def test_ablation_flags_remove_their_losses():
     assert "L_c" in no_adv and "L_o" in no_adv and not {"L_g", "L_d"} & no_adv
     no_over = {k for row in _fit(overclustering=False).history for k in row}
     assert "L_o" not in no_over and "reliable_c" in no_over
+
+
+def test_history_logs_the_true_centre_ari_of_the_codes_in_both_phases():
+    prepared, adjacency = _tiny_problem()
+    result = sctcm.fit(prepared, adjacency, 3, _tiny_config(), log=lambda line: None)
+    assert {row["phase"] for row in result.history if "centroid_ari" in row} == {1, 2}
+    last = result.history[-1]
+    assert last["epoch"] == result.metrics["phase2_epochs"]  # logged on the final codes
+    assert last["centroid_ari"] == sctcm.centroid_ari(prepared.labels, result.embedding)
 
 
 @pytest.mark.parametrize("init", ["spectral", "kmeans"])
