@@ -418,6 +418,16 @@ def _initial_partition(prepared, adjacency, n_clusters, config):
     return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
 
 
+def _check_start(start, n, n_clusters):
+    """fit's start as an int array, or ValueError unless it puts every cell in one of the
+    clusters 0..K-1 and leaves none of them empty (phi^c is the mean code of each)."""
+    start = np.asarray(start)
+    if start.shape != (n,) or not np.array_equal(np.unique(start), np.arange(n_clusters)):
+        raise ValueError(f"start must give each of the {n} cells a cluster in 0..{n_clusters - 1}"
+                         ", with no cluster empty")
+    return start
+
+
 def _self_supervision(model, data, config):
     """One forward pass: Z, decoded rate, L_X (Eq. 3) and L_A (Eq. 2)."""
     z = model.encoder(data["x"], data["a_norm"])
@@ -522,16 +532,20 @@ def _log(row, log):
     log(" | ".join(parts))
 
 
-def fit(prepared, adjacency, n_clusters, config=None, log=print):
+def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     """Train scTCM on a preprocessed dataset: phase 1 (Eq. 4), centres, phase 2 (Sec. 3.2).
 
     prepared: datasets.Prepared (x = encoder input, counts + size_factors = ZINB target,
     labels used for scoring only); adjacency: (n, n) scipy sparse A; n_clusters: K.
+    start: optional (n,) partition into clusters 0..K-1 whose mean codes become phi^c instead
+    of config.init's (e.g. the true labels, to see what phase 2 does from the right start).
     Phase 2 alternates the paper's three steps, one full-batch step per epoch in turn:
     L_SS + gamma_c L_c, L_SS + gamma_o L_o, L_SS + gamma_g L_g (an ablation drops its step),
     each followed by a discriminator update (Eq. 12). It stops when mean ID >= mean LID
     (after min_epochs) or at max_epochs."""
     config = config or Config()
+    if start is not None:
+        start = _check_start(start, adjacency.shape[0], n_clusters)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
@@ -574,7 +588,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print):
 
     # --- initial centres: phi^c = mean codes of a partition of the cells, phi^o = k-means on Z
     z = _codes(model, data)
-    start = _initial_partition(prepared, adjacency, n_clusters, config)
+    if start is None:
+        start = _initial_partition(prepared, adjacency, n_clusters, config)
     phi_c = nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)]))
     phi_o = nn.Parameter(torch.as_tensor(
         kmeans(z.cpu().numpy(), config.n_over, seed=config.seed)[1],

@@ -953,6 +953,20 @@ def test_ablation_flags_remove_their_losses():
     assert "L_o" not in no_over and "reliable_c" in no_over
 
 
+def test_fit_starts_phase_2_from_a_given_partition():
+    prepared, adjacency = _tiny_problem()
+    y = prepared.labels
+    config = _tiny_config(adversarial=False)  # the convex combinations draw per cluster
+    run = lambda start: sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None,
+                                  start=start).labels
+    from_truth, from_shifted = run(y), run((y + 1) % 3)
+    assert sctcm.ari(y, from_truth) > 0.9
+    assert np.array_equal(from_shifted, (from_truth + 1) % 3)  # phi^c follow the start's order
+    for bad in [y[:-1], np.minimum(y, 1), y + 1]:
+        with pytest.raises(ValueError, match="start must give each"):
+            sctcm.fit(prepared, adjacency, 3, config, start=bad)
+
+
 def test_history_logs_the_true_centre_ari_of_the_codes_in_both_phases():
     prepared, adjacency = _tiny_problem()
     result = sctcm.fit(prepared, adjacency, 3, _tiny_config(), log=lambda line: None)
