@@ -565,8 +565,10 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     model = _Model(n_genes, config).to(device)
     history = []
 
-    def record(row):
+    def record(row, z):
         row.update(n=n)
+        if y is not None:
+            row["centroid_ari"] = centroid_ari(y, z.cpu().numpy())
         history.append(row)
         _log(row, log)
 
@@ -583,8 +585,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
             row["ID"], row["LID"] = _geometry(z, km)
             if y is not None:
                 row["kmeans_ari"] = ari(y, km)
-                row["centroid_ari"] = centroid_ari(y, z.cpu().numpy())
-            record(row)
+            record(row, z)
 
     # --- initial centres: phi^c = mean codes of a partition of the cells, phi^o = k-means on Z
     z = _codes(model, data)
@@ -644,9 +645,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
                    "reliable_c": int(reliable_c.sum()), "reliable_o": int(reliable_o.sum())}
             row["ID"], row["LID"] = _geometry(z, pred)
             row.update(scores(y, pred))
-            if y is not None:
-                row["centroid_ari"] = centroid_ari(y, z.cpu().numpy())
-            record(row)
+            record(row, z)
             if epoch >= config.min_epochs and row["ID"] >= row["LID"]:
                 log(f"phase 2 | stop at epoch {epoch}: mean ID {row['ID']:.2f} >= "
                     f"mean LID {row['LID']:.2f}")
