@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import datasets
-from sctcm import Config, kmeans, scores, spectral_clustering
+from sctcm import Config, centroid_ari, kmeans, scores, spectral_clustering
 
 SCTCM = Path(__file__).resolve().with_name("sctcm.py")
 VARIANTS = {  # the rows of the paper's Table 2 and the flags that make them
@@ -78,12 +78,14 @@ def run(path, k, variant, seed, out, extra):
             raise RuntimeError(f"{path.stem} {variant} seed {seed} failed, see {log}")
 
 
-def references(dataset, k, seeds):
+def references(dataset, k, seeds, codes):
     """Per-seed scores of the label-free partitions scTCM is compared with, all built with the
     default Config: our kmeans on the top n_pcs (50) principal components of the preprocessed
     matrix (10 restarts, as the kmeans default and the `--init kmeans` start; and 100 restarts,
     which reach a lower k-means objective), and spectral clustering of the kNN graph A, the
-    partition the default phase 2 starts from. -> {row name: [scores per seed]}."""
+    partition the default phase 2 starts from. Last, a diagnostic that reads the labels: the
+    centroid_ari of scTCM's final codes `codes` (one array per finished run), how well they
+    separate the types once the types' centres are known. -> {row name: [scores per seed]}."""
     config = Config()
     prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
     pcs = datasets.pca(prepared.x, config.n_pcs)
@@ -95,7 +97,22 @@ def references(dataset, k, seeds):
             scores(y, kmeans(pcs, k, seed=s, n_init=100)[0]) for s in seeds],
         "spectral clustering of A (phase-2 start)": [scores(y, spectral_clustering(graph, k, s))
                                                      for s in seeds],
+        "true centres in scTCM's Z (uses the labels)": [{"ari": centroid_ari(y, z)}
+                                                        for z in codes],
     }
+
+
+def final_codes(out, stem, seeds):
+    """The codes Z (embedding.csv) of every finished seed of the full model on one dataset."""
+    files = [_folder(out, stem, "full") / f"seed{seed}" / "embedding.csv" for seed in seeds]
+    return [_read_codes(f) for f in files if f.exists()]
+
+
+def _read_codes(path):
+    """embedding.csv (cell, z1..zd) -> (n, d) array."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return np.array([row[1:] for row in rows], dtype=float)
 
 
 def summaries(out, stem, variant, seeds):
@@ -112,8 +129,9 @@ def _mean_std(values, scale=1.0):
 
 
 def _score_cells(rows):
-    """The ACC, NMI and ARI cells of a table row from per-seed metric dicts."""
-    return [_mean_std([r[m] for r in rows]) for m in METRICS]
+    """The ACC, NMI and ARI cells of a table row from per-seed metric dicts (blank where the
+    dicts do not have the metric)."""
+    return [_mean_std([r[m] for r in rows]) if m in rows[0] else "" for m in METRICS]
 
 
 def table1(out, files, seeds, reference):
@@ -246,7 +264,8 @@ def main(argv=None):
     except RuntimeError as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 1
-    reference = {stem: references(dataset, k, seeds) for stem, _, k, dataset in files}
+    reference = {stem: references(dataset, k, seeds, final_codes(out, stem, seeds))
+                 for stem, _, k, dataset in files}
     parts = ["## Table 1: scTCM with the defaults", table1(out, files, seeds, reference),
              "## Table 2: ablations"]
     parts += [table2(out, stem, seeds) for stem, *_ in files if stem in args.ablate]

@@ -1128,6 +1128,10 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
     start = sctcm.spectral_clustering(datasets.knn_graph(prepared.x), 3, seed=0)
     assert (_row(results, "| | spectral clustering of A (phase-2 start) |")[5]
             == f"{sctcm.ari(prepared.labels, start):.3f} ± 0.000")
+    codes = np.loadtxt(runs / "a" / "full" / "seed0" / "embedding.csv", delimiter=",",
+                       skiprows=1, usecols=range(1, 5))  # z1..z4: --latent 4 in QUICK
+    assert (_row(results, "| | true centres in scTCM's Z (uses the labels) |")[3:6]
+            == ["", "", f"{sctcm.centroid_ari(prepared.labels, codes):.3f} ± 0.000"])
     neither = json.loads((runs / "a" / "neither" / "seed0" / "summary.json").read_text())
     assert _row(results, "| neither |")[4] == f"{neither['metrics']['ari']:.3f} ± 0.000"
 
