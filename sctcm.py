@@ -68,7 +68,9 @@ class Config:
     gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2
     gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2
     n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10)
-    init: str = "spectral"         # phi^c from "spectral" clusters of A (paper) or "kmeans" on PCs
+    init: str = "spectral"         # phi^c from "spectral" clusters of A (paper), "kmeans" on PCs
+                                   # or the overclusters of Z "merge"d on A
+    resolution: float = 0.5        # modularity resolution of init="merge"
     beta_c: str = "auto"           # Eq. (6) margin threshold: a number, or "auto" (reliable_frac)
     beta_o: str = "auto"           # Eq. (9) margin threshold: a number, or "auto"
     reliable_frac: float = 0.15    # "auto": share of cells reliable when phase 2 starts
@@ -340,6 +342,35 @@ def spectral_clustering(a, k, seed=0):
     return kmeans(rows, k, seed=seed)[0]
 
 
+def merge_overclusters(a, over, k, resolution=0.5):
+    """K clusters from the overclusters of Z, merged on the cell graph A (init="merge").
+
+    Not in the paper, which starts phi^c from spectral clustering of A. Greedy modularity
+    agglomeration (Clauset, Newman & Moore 2004) with the overclusters as the starting groups:
+    repeatedly merge the two groups whose union raises Q = sum_c [e_cc / 2m -
+    resolution (d_c / 2m)^2] most (or lowers it least) until k are left; e_cc counts edge ends
+    inside group c, d_c its degree, 2m all edge ends. A resolution below 1 lets large groups
+    merge sooner than Q itself would.
+    a: (n, n) scipy sparse adjacency; over: (n,) overcluster of each cell -> labels (n,) in 0..k-1."""
+    over = np.unique(over, return_inverse=True)[1]
+    if over.max() + 1 < k:
+        raise ValueError(f"cannot merge {over.max() + 1} overclusters into {k} clusters")
+    member = sp.csr_matrix((np.ones(len(over)), (np.arange(len(over)), over)))
+    w = (member.T @ a @ member).toarray()  # edge ends between overclusters
+    two_m = w.sum()
+    group = np.arange(len(w))
+    for _ in range(len(w) - k):
+        ids, index = np.unique(group, return_inverse=True)
+        h = np.eye(len(ids))[index]
+        e = h.T @ w @ h
+        d = e.sum(1)
+        gain = e / two_m - resolution * np.outer(d, d) / two_m ** 2  # half the change in Q
+        np.fill_diagonal(gain, -np.inf)
+        i, j = np.unravel_index(gain.argmax(), gain.shape)
+        group[group == ids[j]] = ids[i]
+    return np.unique(group, return_inverse=True)[1][over]
+
+
 # ---------------------------------------------------------------- metrics
 
 def _contingency(y, pred):
@@ -409,12 +440,15 @@ class _Model(nn.Module):
         self.features = FeatureHead(config.latent, config.decoder, n_genes)
 
 
-def _initial_partition(prepared, adjacency, n_clusters, config):
+def _initial_partition(prepared, adjacency, n_clusters, config, over):
     """The cells' partition whose mean codes become phi^c: spectral clustering of A, as the
-    paper says (init="spectral"), or kmeans on the top n_pcs principal components of the
-    encoder input (init="kmeans"; not in the paper, see the README for when it is better)."""
+    paper says (init="spectral"); or, not in the paper (see the README for how they compare),
+    kmeans on the top n_pcs principal components of the encoder input (init="kmeans") or the
+    overclusters over of Z merged on A (init="merge")."""
     if config.init == "spectral":
         return spectral_clustering(adjacency, n_clusters, seed=config.seed)
+    if config.init == "merge":
+        return merge_overclusters(adjacency, over, n_clusters, config.resolution)
     return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
 
 
@@ -587,14 +621,13 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
                 row["kmeans_ari"] = ari(y, km)
             record(row, z)
 
-    # --- initial centres: phi^c = mean codes of a partition of the cells, phi^o = k-means on Z
+    # --- initial centres: phi^o = k-means on Z, phi^c = mean codes of a partition of the cells
     z = _codes(model, data)
+    over, centres = kmeans(z.cpu().numpy(), config.n_over, seed=config.seed)
     if start is None:
-        start = _initial_partition(prepared, adjacency, n_clusters, config)
+        start = _initial_partition(prepared, adjacency, n_clusters, config, over)
     phi_c = nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)]))
-    phi_o = nn.Parameter(torch.as_tensor(
-        kmeans(z.cpu().numpy(), config.n_over, seed=config.seed)[1],
-        dtype=torch.float32, device=device))
+    phi_o = nn.Parameter(torch.as_tensor(centres, dtype=torch.float32, device=device))
     disc = Discriminators(n_clusters, n_genes, config.disc_hidden).to(device)
     ae = list(model.parameters())
     opt_c = torch.optim.Adam(ae + [phi_c], lr=config.lr_cluster)
@@ -713,8 +746,10 @@ def _check_config(config):
         raise ValueError("--dropout must be in [0, 1)")
     if not 0 < config.reliable_frac <= 1:
         raise ValueError("--reliable-frac must be in (0, 1]")
-    if config.init not in ("spectral", "kmeans"):
-        raise ValueError(f"--init must be spectral or kmeans, got {config.init}")
+    if config.init not in ("spectral", "kmeans", "merge"):
+        raise ValueError(f"--init must be spectral, kmeans or merge, got {config.init}")
+    if config.resolution <= 0:
+        raise ValueError("--resolution must be positive")
     if config.n_over < 2:
         raise ValueError("--n-over must be at least 2")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -743,6 +778,9 @@ def _inputs(args, config):
     if max(k, config.n_over) > prepared.x.shape[0]:
         raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
                          f"{prepared.x.shape[0]} cells")
+    if config.init == "merge" and k > config.n_over:
+        raise ValueError(f"--init merge merges the {config.n_over} overclusters: --clusters {k} "
+                         "needs --n-over at least as large")
     adjacency = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
     return dataset, prepared, adjacency, k
 

@@ -814,6 +814,43 @@ def test_spectral_clustering_recovers_a_planted_partition():
     assert sctcm.ari(y, sctcm.spectral_clustering(a, 4, seed=0)) == 1.0
 
 
+def _modularity(a, groups, resolution):
+    """Q = sum_c [e_cc / 2m - resolution (d_c / 2m)^2], looping over the groups of cells."""
+    a, q = a.toarray(), 0.0
+    for c in np.unique(groups):
+        inside = groups == c
+        q += (a[np.ix_(inside, inside)].sum() - resolution * a[inside].sum() ** 2 / a.sum()) / a.sum()
+    return q
+
+
+def _greedy_merges(a, over, k, resolution):
+    """Merge overclusters by trying every pair and keeping the highest Q, until k are left."""
+    groups = over.copy()
+    while len(np.unique(groups)) > k:
+        merges = [np.where(groups == j, i, groups)
+                  for i, j in itertools.combinations(np.unique(groups), 2)]
+        groups = max(merges, key=lambda g: _modularity(a, g, resolution))
+    return groups
+
+
+def test_merge_overclusters_takes_the_best_modularity_merge_at_each_step():
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), [60, 30, 10])
+    prob = np.where(y[:, None] == y[None, :], 0.2, 0.03)
+    upper = np.triu(rng.random((100, 100)) < prob, 1) * rng.uniform(0.5, 1.5, (100, 100))
+    a = sp.csr_matrix(upper + upper.T)
+    over = 2 * y + (rng.random(100) < 0.5) + 10  # each planted group split in two, ids not 0..5
+    expected = {r: _greedy_merges(a, over, 3, r) for r in (0.25, 1.0, 2.0)}
+    assert sctcm.ari(y, expected[1.0]) == 1.0
+    assert max(sctcm.ari(y, expected[r]) for r in (0.25, 2.0)) < 0.6  # the resolution matters
+    for resolution, groups in expected.items():
+        labels = sctcm.merge_overclusters(a, over, 3, resolution)
+        assert sorted(np.unique(labels)) == [0, 1, 2]
+        assert sctcm.ari(groups, labels) == 1.0
+    with pytest.raises(ValueError, match="cannot merge 6 overclusters into 7"):
+        sctcm.merge_overclusters(a, over, 7)
+
+
 def _pairs_ari(y, pred):
     """ARI from its definition over all pairs of cells (Hubert & Arabie 1985)."""
     n = len(y)
@@ -976,13 +1013,11 @@ def test_history_logs_the_true_centre_ari_of_the_codes_in_both_phases():
     assert last["centroid_ari"] == sctcm.centroid_ari(prepared.labels, result.embedding)
 
 
-@pytest.mark.parametrize("init", ["spectral", "kmeans"])
+@pytest.mark.parametrize("init", ["spectral", "kmeans", "merge"])
 def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
     """phi^c starts at the mean code of each cluster of the chosen partition of the cells."""
     prepared, adjacency = _tiny_problem()
-    pcs = datasets.pca(prepared.x, 50)
-    expected = (sctcm.spectral_clustering(adjacency, 3, seed=0) if init == "spectral"
-                else sctcm.kmeans(pcs, 3, seed=0)[0])
+    config = _tiny_config(init=init)
     original, calls = sctcm.soft_assign, []
 
     def spy(z, centers):
@@ -990,8 +1025,15 @@ def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
         return original(z, centers)
 
     monkeypatch.setattr(sctcm, "soft_assign", spy)
-    sctcm.fit(prepared, adjacency, 3, _tiny_config(init=init), log=lambda line: None)
+    sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None)
     z, centers = calls[0]  # the first call is with the initial phi^c
+    if init == "spectral":
+        expected = sctcm.spectral_clustering(adjacency, 3, seed=0)
+    elif init == "kmeans":
+        expected = sctcm.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0]
+    else:
+        over = sctcm.kmeans(z, config.n_over, seed=0)[0]
+        expected = sctcm.merge_overclusters(adjacency, over, 3, config.resolution)
     means = np.stack([z[expected == k].mean(0) for k in range(3)])
     assert np.allclose(centers, means, atol=1e-5)
 
@@ -1056,6 +1098,8 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path):
     (["data.h5", "--clusters", "3", "--dropout", "1.5"], "--dropout"),
     (["data.h5", "--clusters", "3", "--pretrain-epochs", "0"], "--pretrain-epochs"),
     (["data.h5", "--clusters", "3", "--init", "random"], "--init"),
+    (["data.h5", "--clusters", "5", "--init", "merge", "--n-over", "4"], "--n-over"),
+    (["data.h5", "--clusters", "3", "--init", "merge", "--resolution", "0"], "--resolution"),
     (["data.h5"], "--clusters K is required"),
     ([], "PATH or --demo"),
     (["notes.txt", "--clusters", "3"], "notes.txt"),
