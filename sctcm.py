@@ -342,6 +342,19 @@ def spectral_clustering(a, k, seed=0):
     return kmeans(rows, k, seed=seed)[0]
 
 
+def modularity(a, labels, resolution=1.0):
+    """Q = sum_c [e_cc / 2m - resolution (d_c / 2m)^2] of a partition of the graph A (Newman
+    2006): the criterion merge_overclusters climbs, and a diagnostic of any partition.
+
+    e_cc counts the edge ends inside group c, d_c the edge ends of its cells, 2m all of them.
+    a: (n, n) scipy sparse adjacency; labels: (n,) group of each cell."""
+    member = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)),
+                                                  np.unique(labels, return_inverse=True)[1])))
+    e = (member.T @ a @ member).toarray()
+    two_m = e.sum()
+    return (np.trace(e) - resolution * (e.sum(1) ** 2).sum() / two_m) / two_m
+
+
 def merge_overclusters(a, over, k, resolution=0.5):
     """K clusters from the overclusters of Z, merged on the cell graph A (init="merge").
 

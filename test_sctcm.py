@@ -814,13 +814,26 @@ def test_spectral_clustering_recovers_a_planted_partition():
     assert sctcm.ari(y, sctcm.spectral_clustering(a, 4, seed=0)) == 1.0
 
 
-def _modularity(a, groups, resolution):
-    """Q = sum_c [e_cc / 2m - resolution (d_c / 2m)^2], looping over the groups of cells."""
-    a, q = a.toarray(), 0.0
-    for c in np.unique(groups):
-        inside = groups == c
-        q += (a[np.ix_(inside, inside)].sum() - resolution * a[inside].sum() ** 2 / a.sum()) / a.sum()
-    return q
+def _pairwise_modularity(a, groups, resolution):
+    """Q = (1 / 2m) sum_ij [A_ij - resolution d_i d_j / 2m] delta(c_i, c_j), pair by pair."""
+    a = a.toarray()
+    d, two_m, q = a.sum(1), a.sum(), 0.0
+    for i, j in itertools.product(range(len(a)), repeat=2):
+        if groups[i] == groups[j]:
+            q += a[i, j] - resolution * d[i] * d[j] / two_m
+    return q / two_m
+
+
+def test_modularity_matches_the_pairwise_sum_and_two_cliques():
+    rng = np.random.default_rng(5)
+    upper = np.triu(rng.random((30, 30)) < 0.2, 1) * rng.uniform(0.5, 1.5, (30, 30))
+    a = sp.csr_matrix(upper + upper.T)
+    groups = rng.integers(0, 4, 30) * 7  # ids need not be 0..C-1
+    for resolution in (0.5, 1.0):
+        assert sctcm.modularity(a, groups, resolution) == pytest.approx(
+            _pairwise_modularity(a, groups, resolution), rel=1e-12)
+    cliques = sp.block_diag([np.ones((5, 5)) - np.eye(5)] * 2).tocsr()
+    assert sctcm.modularity(cliques, np.repeat([0, 1], 5)) == pytest.approx(0.5)  # 1 - 2 (1/2)^2
 
 
 def _greedy_merges(a, over, k, resolution):
@@ -829,7 +842,7 @@ def _greedy_merges(a, over, k, resolution):
     while len(np.unique(groups)) > k:
         merges = [np.where(groups == j, i, groups)
                   for i, j in itertools.combinations(np.unique(groups), 2)]
-        groups = max(merges, key=lambda g: _modularity(a, g, resolution))
+        groups = max(merges, key=lambda g: sctcm.modularity(a, g, resolution))
     return groups
 
 
