@@ -1183,7 +1183,7 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
     assert _row(results, "| | k-means, 50 PCs, 100 restarts |")[2] == "1"
     prepared = datasets.preprocess(datasets.load(data / "a.h5"))
     start = sctcm.spectral_clustering(datasets.knn_graph(prepared.x), 3, seed=0)
-    assert (_row(results, "| | spectral clustering of A (phase-2 start) |")[5]
+    assert (_row(results, "| | spectral clustering of A (default phase-2 start) |")[5]
             == f"{sctcm.ari(prepared.labels, start):.3f} ± 0.000")
     codes = np.loadtxt(runs / "a" / "full" / "seed0" / "embedding.csv", delimiter=",",
                        skiprows=1, usecols=range(1, 5))  # z1..z4: --latent 4 in QUICK
