@@ -342,15 +342,20 @@ def spectral_clustering(a, k, seed=0):
     return kmeans(rows, k, seed=seed)[0]
 
 
+def _group_edges(a, labels):
+    """(C, C) edge ends between the groups of a partition of the graph A (any C label values)."""
+    labels = np.unique(labels, return_inverse=True)[1]
+    member = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)), labels)))
+    return (member.T @ sp.csr_matrix(a) @ member).toarray()
+
+
 def modularity(a, labels, resolution=1.0):
     """Q = sum_c [e_cc / 2m - resolution (d_c / 2m)^2] of a partition of the graph A (Newman
     2006): the criterion merge_overclusters climbs, and a diagnostic of any partition.
 
     e_cc counts the edge ends inside group c, d_c the edge ends of its cells, 2m all of them.
     a: (n, n) scipy sparse adjacency; labels: (n,) group of each cell."""
-    member = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)),
-                                                  np.unique(labels, return_inverse=True)[1])))
-    e = (member.T @ a @ member).toarray()
+    e = _group_edges(a, labels)
     two_m = e.sum()
     return (np.trace(e) - resolution * (e.sum(1) ** 2).sum() / two_m) / two_m
 
@@ -360,22 +365,19 @@ def merge_overclusters(a, over, k, resolution=0.5):
 
     Not in the paper, which starts phi^c from spectral clustering of A. Greedy modularity
     agglomeration (Clauset, Newman & Moore 2004) with the overclusters as the starting groups:
-    repeatedly merge the two groups whose union raises Q = sum_c [e_cc / 2m -
-    resolution (d_c / 2m)^2] most (or lowers it least) until k are left; e_cc counts edge ends
-    inside group c, d_c its degree, 2m all edge ends. A resolution below 1 lets large groups
-    merge sooner than Q itself would.
+    repeatedly merge the two groups whose union raises the modularity Q (see `modularity`)
+    most, or lowers it least, until k are left. A resolution below 1 lets large groups merge
+    sooner than Q itself would.
     a: (n, n) scipy sparse adjacency; over: (n,) overcluster of each cell -> labels (n,) in 0..k-1."""
     over = np.unique(over, return_inverse=True)[1]
     if over.max() + 1 < k:
         raise ValueError(f"cannot merge {over.max() + 1} overclusters into {k} clusters")
-    member = sp.csr_matrix((np.ones(len(over)), (np.arange(len(over)), over)))
-    w = (member.T @ a @ member).toarray()  # edge ends between overclusters
+    w = _group_edges(a, over)  # the graph of the overclusters
     two_m = w.sum()
     group = np.arange(len(w))
     for _ in range(len(w) - k):
-        ids, index = np.unique(group, return_inverse=True)
-        h = np.eye(len(ids))[index]
-        e = h.T @ w @ h
+        ids = np.unique(group)
+        e = _group_edges(w, group)
         d = e.sum(1)
         gain = e / two_m - resolution * np.outer(d, d) / two_m ** 2  # half the change in Q
         np.fill_diagonal(gain, -np.inf)
