@@ -95,8 +95,8 @@ def references(dataset, k, seeds, codes):
         f"k-means, {config.n_pcs} PCs": [scores(y, kmeans(pcs, k, seed=s)[0]) for s in seeds],
         f"k-means, {config.n_pcs} PCs, 100 restarts": [
             scores(y, kmeans(pcs, k, seed=s, n_init=100)[0]) for s in seeds],
-        "spectral clustering of A (default phase-2 start)": [scores(y, spectral_clustering(graph, k, s))
-                                                     for s in seeds],
+        "spectral clustering of A (default phase-2 start)": [
+            scores(y, spectral_clustering(graph, k, s)) for s in seeds],
         "true centres in scTCM's Z (uses the labels)": [{"ari": centroid_ari(y, z)}
                                                         for z in codes],
     }

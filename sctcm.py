@@ -374,16 +374,15 @@ def merge_overclusters(a, over, k, resolution=0.5):
         raise ValueError(f"cannot merge {over.max() + 1} overclusters into {k} clusters")
     w = _group_edges(a, over)  # the graph of the overclusters
     two_m = w.sum()
-    group = np.arange(len(w))
+    group = np.arange(len(w))  # the group of each overcluster, always numbered 0..C-1
     for _ in range(len(w) - k):
-        ids = np.unique(group)
         e = _group_edges(w, group)
         d = e.sum(1)
         gain = e / two_m - resolution * np.outer(d, d) / two_m ** 2  # half the change in Q
         np.fill_diagonal(gain, -np.inf)
         i, j = np.unravel_index(gain.argmax(), gain.shape)
-        group[group == ids[j]] = ids[i]
-    return np.unique(group, return_inverse=True)[1][over]
+        group = np.unique(np.where(group == j, i, group), return_inverse=True)[1]
+    return group[over]
 
 
 # ---------------------------------------------------------------- metrics
