@@ -21,9 +21,12 @@ References:
 import csv
 import gzip
 import os
+import re
 import resource
 import tempfile
 import time
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +39,17 @@ from scipy.spatial import cKDTree
 
 LABEL_KEYS = ("cell_type", "celltype", "cell_type1", "CellType", "cell_types", "labels", "label")
 BLOCK_ENTRIES = 1 << 22  # a dense matrix is read this many entries at a time and kept as CSR
+MISSING_LABELS = ("", "na", "nan", "n/a", "none")  # label strings that mean "no label", in any case
+FILE_SUFFIXES = (".h5", ".h5ad", ".hdf5", ".mtx", ".csv", ".tsv", ".txt", ".gz")
+READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError)  # what reading a bad file raises
 
 
 @dataclass
 class Dataset:
     """A labelled (or unlabelled) count matrix, cells x genes, as read from a file."""
     counts: np.ndarray | sp.csr_matrix       # (n, g) raw counts >= 0, whole numbers; CSR float32 from load()
-    labels: np.ndarray | None = None         # (n,) int64 in 0..K-1, None when the file has none
-    label_names: np.ndarray | None = None    # (K,) str, the name of each label
+    labels: np.ndarray | None = None         # (n,) int64 in 0..K-1, -1: missing; None: no labels
+    label_names: np.ndarray | None = None    # (K,) str, the name of each label (missing is not one)
     gene_names: np.ndarray | None = None     # (g,) str
     cell_names: np.ndarray | None = None     # (n,) str
     name: str = ""                           # short name, the file name without its suffixes
@@ -58,7 +64,7 @@ class Prepared:
     size_factors: np.ndarray    # (n,) float32: s_i = library size / median library size
     genes: np.ndarray           # (g,) int64: kept gene indices into Dataset.counts columns
     cells: np.ndarray           # (n,) int64: kept cell indices into Dataset.counts rows
-    labels: np.ndarray | None   # (n,) labels of the kept cells, for scoring only
+    labels: np.ndarray | None   # (n,) labels of the kept cells (-1: missing), for scoring only
     label_names: np.ndarray | None  # (K,) str
     gene_names: np.ndarray      # (g,) str, names of the kept genes
     cell_names: np.ndarray      # (n,) str, names of the kept cells
@@ -75,20 +81,62 @@ def load(path, label_key=None):
     label_key: the obs column (h5ad, paper layout) or dataset (X/Y layout) holding the labels;
     by default Y, cell_type1, or the first of LABEL_KEYS present. Counts are checked (numeric,
     finite, non-negative, whole numbers) and kept as CSR float32. A matrix whose second axis
-    matches the labels or cell names is transposed, and Dataset.notes says so in one line."""
+    matches the labels or cell names is transposed, and Dataset.notes says so in one line.
+    Missing labels (see _encode_labels) become -1. A file that cannot be read (empty, truncated,
+    corrupt, not permitted, ...) raises a one-line ValueError naming it, as does any bad content."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")
+    if path.is_dir() and path.name.lower().endswith(FILE_SUFFIXES):
+        raise ValueError(f"{path}: a folder where a file is expected")
+    hdf5 = path.is_file() and _is_hdf5(path)
+    if label_key is not None and not hdf5:
+        raise ValueError(f"{path}: a label key ({label_key}) is for HDF5 files; this one has no labels")
     if path.is_dir() or path.name.endswith((".mtx", ".mtx.gz")):
         parts = _read_10x(path)
-    elif h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            parts = _h5_reader(f, path)(f, path, label_key)
+    elif hdf5:
+        parts = _read_hdf5(path, label_key)
+    elif path.suffix.lower() in (".h5", ".h5ad", ".hdf5"):
+        raise ValueError(f"{path}: not an HDF5 file (damaged, or another format under an HDF5 name)")
     elif path.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt")):
         parts = _read_text(path)
     else:
         raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad, a 10x folder, or .csv/.tsv)")
     return _assemble(path, *parts)
+
+
+@contextmanager
+def _reading(path, errors=READ_ERRORS):
+    """Re-raise an error of reading the file path as a one-line ValueError that names it."""
+    try:
+        yield
+    except errors as err:
+        raise ValueError(f"{path}: {_unreadable(err)}") from None
+
+
+def _unreadable(err):
+    """What is wrong with a file, in a few words, from the error that reading it raised."""
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    if isinstance(err, IsADirectoryError):
+        return "a folder where a file is expected"
+    if isinstance(err, EOFError):
+        return "the compressed stream ends early (a truncated file?)"
+    if isinstance(err, gzip.BadGzipFile):
+        return f"not a valid gzip file ({err})"
+    if isinstance(err, UnicodeDecodeError):
+        return f"holds text that is not UTF-8 (byte {err.object[err.start]:#04x}); save it as UTF-8"
+    detail = getattr(err, "strerror", None) or str(err.args[0] if err.args else err)
+    detail = detail.partition("\n")[0]
+    size = re.search(r"truncated file: eof = (\d+), .*stored_eof = (\d+)", detail)
+    if size:  # HDF5 knows its own length
+        return (f"truncated: {int(size[1]):,} of its {int(size[2]):,} bytes "
+                "(a download that stopped early?)")
+    if isinstance(err, zlib.error):
+        return f"corrupt compressed data ({detail})"
+    return f"cannot be read ({detail})"
 
 
 def _assemble(path, x, what, raw_labels, names, genes, cells):
@@ -147,18 +195,27 @@ def _check_counts(values, path, what):
 
 
 def _encode_labels(values, names):
-    """Labels (ints, or strings) -> (int64 codes 0..K-1, K names). Integer codes index names if given."""
+    """Labels (numbers or strings) -> (int64 codes 0..K-1 and -1 where missing, K names), or
+    (None, None) when no cell has a label. Missing: a negative or non-finite number (-1 is how
+    anndata codes NaN), or a label named in MISSING_LABELS. Whole numbers index names if given."""
     if values is None:
         return None, None
-    values = np.asarray(values)
-    if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
-        values = values.astype(np.int64)
-    uniq, labels = np.unique(values, return_inverse=True)
-    if names is not None and values.dtype.kind in "iu" and uniq.min() >= -1 and uniq.max() < len(names):
-        label_names = np.append(np.asarray(names, dtype=str), "NA")[uniq]  # code -1: missing (anndata)
-    else:
-        label_names = uniq.astype(str)
-    return labels.astype(np.int64).ravel(), label_names
+    values = np.asarray(values).ravel()
+    labelled = np.ones(len(values), dtype=bool)
+    if values.dtype.kind in "biuf":
+        labelled = np.isfinite(values) & (values >= 0)
+        if np.all(values[labelled] == np.round(values[labelled])):
+            values = np.where(labelled, values, 0).astype(np.int64)
+    uniq, codes = np.unique(values[labelled], return_inverse=True)
+    label_names = uniq.astype(str)
+    if names is not None and uniq.dtype.kind == "i" and uniq.max(initial=-1) < len(names):
+        label_names = np.asarray(names, dtype=str)[uniq]
+    real = ~np.isin(np.char.lower(np.char.strip(label_names)), MISSING_LABELS)
+    if not real.any():
+        return None, None
+    labels = np.full(len(values), -1, dtype=np.int64)
+    labels[labelled] = np.where(real, np.cumsum(real) - 1, -1)[codes.ravel()]
+    return labels, label_names[real]
 
 
 def _stem(path):
@@ -182,7 +239,26 @@ def _decoded(values):
     return _strings(values) if values.dtype.kind in "SO" else values
 
 
+def _values(item, path):
+    """The values of an HDF5 dataset of numbers or strings (labels, names, codes), as a 1-d array."""
+    if not isinstance(item, h5py.Dataset) or item.dtype.kind not in "biufSO":
+        raise ValueError(f"{path}: {item.name} is not an array of numbers or strings")
+    return np.asarray(item[()]).ravel()
+
+
 # -- HDF5 layouts (a), (b), (c)
+
+
+def _is_hdf5(path):
+    with _reading(path):
+        return h5py.is_hdf5(path)
+
+
+def _read_hdf5(path, label_key):
+    """Layouts (a)-(c). h5py reports damaged metadata as OSError, and some of it as RuntimeError
+    or KeyError (an object whose header cannot be read)."""
+    with _reading(path, READ_ERRORS + (RuntimeError, KeyError)), h5py.File(path, "r") as f:
+        return _h5_reader(f, path)(f, path, label_key)
 
 
 def _h5_reader(f, path):
@@ -203,10 +279,10 @@ def _read_xy(f, path, label_key):
     key = label_key or "Y"
     if label_key and key not in f:
         raise ValueError(f"{path}: no dataset '{key}' for the labels")
-    labels = _decoded(f[key][()]) if key in f else None
-    names = _strings(f["cell_types"][()]) if "cell_types" in f else None
-    genes = _first_strings(f, ("genes", "gene_names", "var_names"))
-    cells = _first_strings(f, ("cells", "cell_names", "obs_names", "barcodes"))
+    labels = _decoded(_values(f[key], path)) if key in f else None
+    names = _strings(_values(f["cell_types"], path)) if "cell_types" in f else None
+    genes = _first_strings(f, ("genes", "gene_names", "var_names"), path)
+    cells = _first_strings(f, ("cells", "cell_names", "obs_names", "barcodes"), path)
     return x, "X", labels, names, genes, cells
 
 
@@ -216,7 +292,8 @@ def _read_exprs(f, path, label_key):
     labels, names = None, None
     if "obs" in f:
         labels, names = _obs_labels(f["obs"], path, label_key, ("cell_type1",) + LABEL_KEYS)
-    return x, "exprs", labels, names, _first_strings(f, ("var_names",)), _first_strings(f, ("obs_names",))
+    genes, cells = _first_strings(f, ("var_names",), path), _first_strings(f, ("obs_names",), path)
+    return x, "exprs", labels, names, genes, cells
 
 
 def _read_h5ad(f, path, label_key):
@@ -225,23 +302,23 @@ def _read_h5ad(f, path, label_key):
         raise ValueError(f"{path}: obs is a compound table (anndata < 0.7); save the file again with anndata")
     x = _read_matrix(f["X"], path, "X")
     labels, names = _obs_labels(f["obs"], path, label_key, LABEL_KEYS)
-    return x, "X", labels, names, _frame_index(f.get("var")), _frame_index(f["obs"])
+    return x, "X", labels, names, _frame_index(f.get("var"), path), _frame_index(f["obs"], path)
 
 
-def _first_strings(f, keys):
+def _first_strings(f, keys, path):
     for key in keys:
         if isinstance(f.get(key), h5py.Dataset):
-            return _strings(f[key][()])
+            return _strings(_values(f[key], path))
     return None
 
 
-def _frame_index(frame):
+def _frame_index(frame, path):
     """The index (obs or var names) of an AnnData dataframe group, or None."""
     if not isinstance(frame, h5py.Group):
         return None
     key = frame.attrs.get("_index", "_index")
     key = key.decode() if isinstance(key, bytes) else key
-    return _strings(frame[key][()]) if isinstance(frame.get(key), h5py.Dataset) else None
+    return _strings(_values(frame[key], path)) if isinstance(frame.get(key), h5py.Dataset) else None
 
 
 def _obs_labels(obs, path, label_key, default_keys):
@@ -258,16 +335,18 @@ def _obs_labels(obs, path, label_key, default_keys):
     if isinstance(column, h5py.Group):
         if "codes" not in column or "categories" not in column:
             raise ValueError(f"{path}: obs column '{key}' is neither categorical nor a plain array")
-        return column["codes"][()], _strings(column["categories"][()])
+        return _values(column["codes"], path), _strings(_values(column["categories"], path))
     if "__categories" in obs and key in obs["__categories"]:
-        return column[()], _strings(obs["__categories"][key][()])
-    return _decoded(column[()]), None
+        return _values(column, path), _strings(_values(obs["__categories"][key], path))
+    return _decoded(_values(column, path)), None
 
 
 def _read_matrix(item, path, what):
     """A dense HDF5 dataset or a CSR/CSC group -> CSR, in the stored orientation."""
     if isinstance(item, h5py.Group):
         return _read_sparse_group(item, path, what)
+    if not isinstance(item, h5py.Dataset):
+        raise ValueError(f"{path}: {what} is neither a matrix nor a sparse matrix group")
     if item.dtype.kind not in "biuf":
         raise ValueError(f"{path}: {what} holds non-numeric values ({item.dtype})")
     if item.ndim != 2:
@@ -287,10 +366,18 @@ def _read_sparse_group(group, path, what):
     fmt = (fmt.decode() if isinstance(fmt, bytes) else str(fmt))[:3].upper()
     shape = group.attrs.get("shape", group.attrs.get("h5sparse_shape"))
     if shape is None and "shape" in group:
-        shape = group["shape"][()]
-    if shape is None or len(shape) != 2:
-        raise ValueError(f"{path}: group {what} has no 2-d shape")
-    data, indices, indptr = group["data"][()], group["indices"][()], group["indptr"][()]
+        shape = _values(group["shape"], path)
+    shape = np.asarray(shape if shape is not None else []).ravel()
+    whole = shape.dtype.kind in "iuf" and np.all(shape == np.round(shape)) and np.all(shape >= 0)
+    if len(shape) != 2 or not whole:
+        raise ValueError(f"{path}: group {what} has no 2-d shape (two whole numbers)")
+    shape = tuple(int(s) for s in shape)
+    data, indices, indptr = (_values(group[k], path) for k in ("data", "indices", "indptr"))
+    if data.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: {what} holds non-numeric values ({data.dtype})")
+    if indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
+        raise ValueError(f"{path}: group {what}: indices and indptr must be integers, not "
+                         f"{indices.dtype} and {indptr.dtype}")
     n_major, n_minor = (shape[0], shape[1]) if fmt != "CSC" else (shape[1], shape[0])
     axis = "rows" if fmt != "CSC" else "columns"
     problem = None
@@ -304,11 +391,9 @@ def _read_sparse_group(group, path, what):
         problem = f"indices outside 0..{n_minor - 1}"
     if problem:
         raise ValueError(f"{path}: inconsistent {fmt} group {what}: {problem}")
-    if data.dtype.kind not in "biuf":
-        raise ValueError(f"{path}: {what} holds non-numeric values ({data.dtype})")
     if fmt == "CSC":
-        return sp.csc_matrix((data, indices, indptr), shape=tuple(shape)).tocsr()
-    return sp.csr_matrix((data, indices, indptr), shape=tuple(shape))
+        return sp.csc_matrix((data, indices, indptr), shape=shape).tocsr()
+    return sp.csr_matrix((data, indices, indptr), shape=shape)
 
 
 # -- text layouts (d), (e)
@@ -319,7 +404,7 @@ def _open_text(path):
 
 
 def _read_lines(path):
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
 
 
@@ -334,11 +419,12 @@ def _read_10x(path):
     features = _find(folder, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
     if mtx is None:
         raise ValueError(f"{path}: unknown layout (a folder without matrix.mtx[.gz])")
-    try:
-        m = sp.csr_matrix(scipy.io.mmread(str(mtx)))
-    except (ValueError, OSError) as err:
-        reason = str(err).partition("\n")[0]
-        raise ValueError(f"{mtx}: not a readable Matrix Market file ({reason})") from None
+    with _reading(mtx):
+        try:
+            m = sp.csr_matrix(scipy.io.mmread(str(mtx)))
+        except ValueError as err:
+            reason = str(err).partition("\n")[0]
+            raise ValueError(f"{mtx}: not a readable Matrix Market file ({reason})") from None
     cells = np.array([row[0] for row in _read_lines(barcodes)]) if barcodes else None
     genes = np.array([r[1] if len(r) > 1 else r[0] for r in _read_lines(features)]) if features else None
     if cells is None or len(cells) != m.shape[0] or len(cells) == m.shape[1]:
@@ -354,7 +440,7 @@ def _read_text(path):
     """Layout (e): CSV/TSV[.gz], header = gene names (with or without a corner cell), rows = cells."""
     delimiter = "," if path.name.lower().removesuffix(".gz").endswith(".csv") else "\t"
     cells, rows, blocks = [], [], []
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         reader = csv.reader(fh, delimiter=delimiter)
         header = next(reader, None)
         for row in reader:
@@ -430,13 +516,14 @@ def preprocess(dataset, n_top_genes=1500):
     genes = genes[hvg]
     note = (f"{name}: dropped {n0 - len(cells)} of {n0} cells and {g0 - x.shape[1]} of {g0} genes with "
             f"zero counts; kept {len(genes)} highly variable genes")
+    labels = None if dataset.labels is None else np.asarray(dataset.labels)[cells]
     return Prepared(
         x=_scale(logx),
         counts=counts,
         size_factors=size_factors.astype(np.float32),
         genes=genes,
         cells=cells,
-        labels=None if dataset.labels is None else np.asarray(dataset.labels)[cells],
+        labels=labels if labels is not None and np.any(labels >= 0) else None,  # all missing: unlabelled
         label_names=dataset.label_names,
         gene_names=_names(dataset.gene_names, "gene", g0)[genes],
         cell_names=_names(dataset.cell_names, "cell", n0)[cells],
@@ -499,7 +586,7 @@ def _scale(x, clip=10.0):
     """Each column to zero mean, unit variance (ddof=1), clipped to [-clip, clip]; constant columns -> 0."""
     mean = x.mean(axis=0)
     std = x.std(axis=0, ddof=1)
-    std[std == 0] = 1.0
+    std[np.ptp(x, axis=0) == 0] = np.inf  # constant: their float32 std is round-off, not always 0
     return np.clip((x - mean) / std, -clip, clip).astype(np.float32)
 
 

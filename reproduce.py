@@ -20,15 +20,17 @@ from pathlib import Path
 import numpy as np
 
 import datasets
-from sctcm import Config, centroid_ari, kmeans, scores, spectral_clustering
+from sctcm import Config, centroid_ari, kmeans, plot_fig2, scores, spectral_clustering
 
 SCTCM = Path(__file__).resolve().with_name("sctcm.py")
-VARIANTS = {  # the rows of the paper's Table 2 and the flags that make them
-    "full": [],
-    "no adversarial": ["--no-adversarial"],
+VARIANTS = {  # the runs and the flags that make them
+    "full": [],  # the defaults, Table 1 and Table 2
+    "paper start": ["--init", "spectral"],  # Table 1: phi^c from spectral clustering of A
+    "no adversarial": ["--no-adversarial"],  # the ablations of Table 2
     "no overclustering": ["--no-overclustering"],
     "neither": ["--no-adversarial", "--no-overclustering"],
 }
+TABLE2 = ("full", "no adversarial", "no overclustering", "neither")
 PAPER_YOUNG = {  # paper, Tables 1 and 2, Young: ACC, NMI, ARI in %, mean of ten runs
     "full": (85.30, 84.86, 79.74),
     "no adversarial": (84.57, 84.08, 75.71),
@@ -45,8 +47,12 @@ METRICS = ("acc", "nmi", "ari")
 def labelled_files(folder, stems=None):
     """The .h5 / .h5ad files of folder that carry labels, as (stem, path, K, dataset); an .h5ad
     file with the same stem as an .h5 file is taken to be the same data and skipped. stems: read
-    only the files with these stems (default: all)."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix in (".h5", ".h5ad"))
+    only the files with these stems (default: all). K counts the label classes, not the cells
+    whose label is missing. A file that cannot be read raises datasets.load's one-line error."""
+    try:
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix in (".h5", ".h5ad"))
+    except OSError as err:
+        raise ValueError(f"{folder}: cannot list the folder ({err.strerror})") from None
     h5_stems = {p.stem for p in paths if p.suffix == ".h5"}
     found = []
     for path in paths:
@@ -54,7 +60,7 @@ def labelled_files(folder, stems=None):
             continue
         dataset = datasets.load(path)
         if dataset.labels is not None:
-            found.append((path.stem, path, len(np.unique(dataset.labels)), dataset))
+            found.append((path.stem, path, len(dataset.label_names), dataset))
     return found
 
 
@@ -83,7 +89,7 @@ def references(dataset, k, seeds, codes):
     default Config: our kmeans on the top n_pcs (50) principal components of the preprocessed
     matrix (10 restarts, as the kmeans default and the `--init kmeans` start; and 100 restarts,
     which reach a lower k-means objective), and spectral clustering of the kNN graph A, the
-    partition the default phase 2 starts from. Last, a diagnostic that reads the labels: the
+    partition the paper's phase 2 starts from. Last, a diagnostic that reads the labels: the
     centroid_ari of scTCM's final codes `codes` (one array per finished run), how well they
     separate the types once the types' centres are known. -> {row name: [scores per seed]}."""
     config = Config()
@@ -95,7 +101,7 @@ def references(dataset, k, seeds, codes):
         f"k-means, {config.n_pcs} PCs": [scores(y, kmeans(pcs, k, seed=s)[0]) for s in seeds],
         f"k-means, {config.n_pcs} PCs, 100 restarts": [
             scores(y, kmeans(pcs, k, seed=s, n_init=100)[0]) for s in seeds],
-        "spectral clustering of A (default phase-2 start)": [
+        "spectral clustering of A (the paper's phase-2 start)": [
             scores(y, spectral_clustering(graph, k, s)) for s in seeds],
         "true centres in scTCM's Z (uses the labels)": [{"ari": centroid_ari(y, z)}
                                                         for z in codes],
@@ -135,19 +141,23 @@ def _score_cells(rows):
 
 
 def table1(out, files, seeds, reference):
-    """Markdown: scTCM (full) per dataset with time, memory and phase-2 epochs, beside the
-    reference partitions (run here) and the Leiden ARI (quoted)."""
+    """Markdown: scTCM with the defaults and from the paper's start per dataset, with time,
+    memory and phase-2 epochs, beside the reference partitions (run here) and the Leiden ARI
+    (quoted)."""
     lines = ["| dataset | method | seeds | ACC | NMI | ARI | mean time (s) | peak memory (GB) "
              "| phase-2 epochs |", "|---|---|---|---|---|---|---|---|---|"]
     for stem, _, k, _ in files:
-        runs = summaries(out, stem, "full", seeds)
-        if runs:
-            epochs = ", ".join(str(r["metrics"]["phase2_epochs"]) for r in runs)
-            lines.append(
-                f"| {stem} (K={k}) | scTCM | {len(runs)} | "
-                + " | ".join(_score_cells([r["metrics"] for r in runs]))
-                + f" | {np.mean([r['seconds']['total'] for r in runs]):.0f}"
-                f" | {max(r['peak_memory_mb'] for r in runs) / 1024:.2f} | {epochs} |")
+        first = f"{stem} (K={k}) "
+        for variant, name in (("full", "scTCM"), ("paper start", "scTCM, `--init spectral`")):
+            runs = summaries(out, stem, variant, seeds)
+            if runs:
+                epochs = ", ".join(str(r["metrics"]["phase2_epochs"]) for r in runs)
+                lines.append(
+                    f"| {first}| {name} | {len(runs)} | "
+                    + " | ".join(_score_cells([r["metrics"] for r in runs]))
+                    + f" | {np.mean([r['seconds']['total'] for r in runs]):.0f}"
+                    f" | {max(r['peak_memory_mb'] for r in runs) / 1024:.2f} | {epochs} |")
+                first = ""
         for name, rows in reference[stem].items():
             lines.append(f"| | {name} | {len(rows)} | " + " | ".join(_score_cells(rows))
                          + " | | | |")
@@ -163,7 +173,7 @@ def table2(out, stem, seeds):
     lines = [f"| {stem} | seeds | ACC | NMI | ARI | mean time (s) |"
              + (" paper ACC / NMI / ARI |" if paper else ""),
              "|---|---|---|---|---|---|" + ("---|" if paper else "")]
-    for variant in VARIANTS:
+    for variant in TABLE2:
         runs = summaries(out, stem, variant, seeds)
         if not runs:
             continue
@@ -193,30 +203,11 @@ def fig2(out, stem, seed):
         for variant, rows in curves.items():
             for step, r in enumerate(rows):
                 writer.writerow([variant, r["phase"], r["epoch"], step, r["ID"], r["LID"]])
-    _plot(out / f"fig2_{stem}.png", stem, curves)
-    return path
-
-
-def _plot(path, stem, curves):
-    """Fig. 2 as a PNG, only when matplotlib is installed (an optional extra)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
-    for ax, (variant, rows) in zip(axes, curves.items()):
-        for key in ("ID", "LID"):
-            ax.plot([float(r[key]) for r in rows], label=key)
-        start = next((i for i, r in enumerate(rows) if r["phase"] == "2"), len(rows))
-        ax.axvline(start - 0.5, color="grey", lw=0.8)
-        ax.set_title(f"{stem}: {variant} (P1 | P2)")
-        ax.set_xlabel("logged epoch")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        plot_fig2(out / f"fig2_{stem}.png", {f"{stem}: {v}": rows for v, rows in curves.items()})
+    except ImportError:  # matplotlib is an optional extra
+        pass
+    return path
 
 
 def _parser():
@@ -238,10 +229,19 @@ def _parser():
     return parser
 
 
+def _split_args(text):
+    """--sctcm-args as a list of flags, split as a shell would."""
+    try:
+        return shlex.split(text)
+    except ValueError as err:  # an unclosed quote
+        raise ValueError(f"--sctcm-args {text}: {err}") from None
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
-    out, seeds, extra = Path(args.out), range(args.seeds), shlex.split(args.sctcm_args)
+    out, seeds = Path(args.out), range(args.seeds)
     try:
+        extra = _split_args(args.sctcm_args)
         if args.seeds < 1:
             raise ValueError("--seeds must be at least 1")
         if not Path(args.folder).is_dir():
@@ -259,7 +259,7 @@ def main(argv=None):
     try:
         for seed in seeds:
             for stem, path, k, _ in files:
-                for variant in VARIANTS if stem in ablate else ["full"]:
+                for variant in VARIANTS if stem in ablate else ["full", "paper start"]:
                     run(path, k, variant, seed, out, extra)
     except RuntimeError as err:
         print(f"reproduce: error: {err}", file=sys.stderr)

@@ -50,41 +50,40 @@ from zinb import zinb_nll
 @dataclass
 class Config:
     """Every hyperparameter of a run; one set of defaults for all datasets."""
-    n_top_genes: int = 1500        # highly variable genes kept by preprocessing
-    n_neighbors: int = 15          # k of the kNN cell graph A
-    n_pcs: int = 50                # principal components the kNN graph is built on
-    hidden: int = 128              # width of the hidden GCN layer, Eq. (1)
-    latent: int = 15               # d, dimension of the latent codes Z
-    decoder: tuple = (128, 256)    # widths of the feature head f_D^(2), Eq. (3)
-    disc_hidden: int = 64          # width of each discriminator's hidden layer, Eq. (12)
-    dropout: float = 0.2           # dropout on the encoder input
-    w_x: float = 1.0               # weight of L_X in L_SS, Eq. (4)
-    w_a: float = 0.3               # weight of L_A in L_SS, Eq. (4)
-    pretrain_epochs: int = 100     # T1, epochs of phase 1
-    lr_pretrain: float = 1e-3      # Adam learning rate of phase 1
-    lr_cluster: float = 5e-4       # Adam learning rate of the clustering and overclustering steps
-    lr_adv: float = 1e-4           # Adam learning rate of the generator and discriminator steps
-    gamma_c: float = 1.5           # weight of L_c in step 1 of phase 2, Sec. 3.2
-    gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2
-    gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2
-    n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10)
-    init: str = "spectral"         # phi^c from "spectral" clusters of A (paper), "kmeans" on PCs
-                                   # or the overclusters of Z "merge"d on A
-    resolution: float = 0.5        # modularity resolution of init="merge"
-    beta_c: str = "auto"           # Eq. (6) margin threshold: a number, or "auto" (reliable_frac)
-    beta_o: str = "auto"           # Eq. (9) margin threshold: a number, or "auto"
-    reliable_frac: float = 0.15    # "auto": share of cells reliable when phase 2 starts
-    update_every: int = 10         # epochs between recomputations of the targets q
-    m_cvx: int = 3                 # m, cells per convex combination, Eq. (11)
-    n_cvx: int = 64                # n_cvx, convex combinations per cluster and step, Eq. (11)
-    min_epochs: int = 30           # phase 2 runs at least this long before the ID = LID stop
-    max_epochs: int = 100          # phase 2 stops here if ID never reaches LID
-    eval_every: int = 10           # epochs between ID/LID evaluations and log lines
-    block: int = 1024              # rows of the n x n logits of Eq. (2) alive at a time
+    n_top_genes: int = 1500        # highly variable genes kept by preprocessing (>= 1)
+    n_neighbors: int = 15          # k of the kNN cell graph A (>= 1)
+    n_pcs: int = 50                # principal components the kNN graph is built on (>= 1)
+    hidden: int = 128              # width of the hidden GCN layer, Eq. (1) (>= 1)
+    latent: int = 15               # d, dimension of the latent codes Z (>= 1)
+    decoder: tuple = (128, 256)    # widths of the feature head f_D^(2), Eq. (3) (each >= 1)
+    disc_hidden: int = 64          # width of each discriminator's hidden layer, Eq. (12) (>= 1)
+    dropout: float = 0.2           # dropout on the encoder input, in [0, 1)
+    w_x: float = 1.0               # weight of L_X in L_SS, Eq. (4) (>= 0)
+    w_a: float = 0.3               # weight of L_A in L_SS, Eq. (4) (>= 0)
+    pretrain_epochs: int = 100     # T1, epochs of phase 1 (>= 1)
+    lr_pretrain: float = 1e-3      # Adam learning rate of phase 1 (> 0)
+    lr_cluster: float = 5e-4       # Adam learning rate of the (over)clustering steps (> 0)
+    lr_adv: float = 1e-4           # Adam learning rate of the generator and discriminators (> 0)
+    gamma_c: float = 1.5           # weight of L_c in step 1 of phase 2, Sec. 3.2 (>= 0)
+    gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2 (>= 0)
+    gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2 (>= 0)
+    n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10) (>= 2)
+    init: str = "merge"            # phi^c start: "merge" (default), "spectral" (paper), "kmeans"
+    resolution: float = 0.5        # modularity resolution of init="merge" (> 0)
+    beta_c: str = "auto"           # Eq. (6) margin threshold, in [0, 1), or "auto" (reliable_frac)
+    beta_o: str = "auto"           # Eq. (9) margin threshold, in [0, 1), or "auto"
+    reliable_frac: float = 0.15    # "auto": share of cells reliable when phase 2 starts, in (0, 1]
+    update_every: int = 10         # epochs between recomputations of the targets q (>= 1)
+    m_cvx: int = 3                 # m, cells per convex combination, Eq. (11) (>= 2)
+    n_cvx: int = 64                # convex combinations per cluster and step, Eq. (11) (>= 1)
+    min_epochs: int = 30           # phase 2 runs at least this long before the ID = LID stop (>= 0)
+    max_epochs: int = 100          # phase 2 stops here if ID never reaches LID (>= 1)
+    eval_every: int = 10           # epochs between ID/LID evaluations and log lines (>= 1)
+    block: int = 1024              # rows of the n x n logits of Eq. (2) alive at a time (>= 1)
     adversarial: bool = True       # Eqs. (11)-(13); False is the "no adversarial" ablation
     overclustering: bool = True    # Eqs. (8)-(10); False is the "no overclustering" ablation
-    seed: int = 0                  # seeds numpy and torch once, at the start of fit
-    device: str = "cpu"            # torch device, "cpu" or "cuda"
+    seed: int = 0                  # seeds numpy and torch once, at the start of fit, in [0, 2^32)
+    device: str = "cpu"            # torch device: "cpu", "cuda" or "cuda:N"
 
 
 @dataclass
@@ -155,7 +154,8 @@ class Discriminators(nn.Module):
 
     The K networks have separate weights; they are stored as stacked tensors so that all of them
     run in one batched matmul. The input is log1p(rate), the decoded expression without the
-    size factor, so that library size cannot tell a cell from a convex combination."""
+    size factor (so that library size cannot tell a cell from a convex combination),
+    standardised per gene by `standardise`."""
 
     def __init__(self, n_clusters, n_genes, hidden):
         super().__init__()
@@ -270,14 +270,29 @@ def convex_combinations(z, members, m, n_cvx, rng):
     return z_cvx, torch.as_tensor(active, device=z.device)
 
 
-def discriminator_loss(real_logits, fake_logits):
+def standardise(real, fake, eps=1e-2):
+    """Discriminator inputs scaled per gene by the mean and sd of each discriminator's real batch.
+
+    Uncentred log1p expression (most genes near 0, a few near 5) leaves the MLPs of Eq. (12)
+    badly conditioned: they stay at chance for hundreds of Adam steps even when the two sets
+    differ in every gene. The statistics are constants (no gradient flows into them), so the
+    generator cannot move the real batch to fool the discriminator; eps floors the sd of genes
+    that hardly vary. real, fake: (k', N, g) -> the same shapes."""
+    mean = real.detach().mean(1, keepdim=True)
+    sd = real.detach().std(1, keepdim=True) + eps
+    return (real - mean) / sd, (fake - mean) / sd
+
+
+def discriminator_loss(real_logits, fake_logits, reduction="sum"):
     """L_d = sum_k L_d^(k), Eq. (12): real = reconstructions, fake = decoded convex combinations.
 
     Eq. (12) as printed, E[log(1 - D(x_hat))] + E[log D(x_cvx)], is the value function; taken
     literally its minimum is -infinity. We minimise the cross-entropy with the same labels,
     -E[log D(x_hat)] - E[log(1 - D(x_cvx))], through logits: log D = -softplus(-l),
-    log(1 - D) = -softplus(l). Logits: (k', N), one row per discriminator."""
-    return (F.softplus(-real_logits).mean(1) + F.softplus(fake_logits).mean(1)).sum()
+    log(1 - D) = -softplus(l). Logits: (k', N), one row per discriminator; reduction="none"
+    returns L_d^(k) per discriminator (2 log 2 each at chance)."""
+    per = F.softplus(-real_logits).mean(1) + F.softplus(fake_logits).mean(1)
+    return per if reduction == "none" else per.sum()
 
 
 def generator_loss(fake_logits):
@@ -288,7 +303,7 @@ def generator_loss(fake_logits):
 # ---------------------------------------------------------------- clustering helpers
 
 def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
-    """k-means: k-means++ seeding, Lloyd iterations, n_init restarts, lowest inertia kept.
+    """k-means: greedy k-means++ seeding, Lloyd iterations, n_init restarts, lowest inertia kept.
 
     x: (n, d) array -> labels (n,), centers (k, d)."""
     x = np.asarray(x, dtype=np.float64)
@@ -299,8 +314,7 @@ def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
         for _ in range(max_iter):
             dist = _sq_dist(x, centers)
             labels = dist.argmin(1)
-            new = np.array([x[labels == j].mean(0) if np.any(labels == j) else centers[j]
-                            for j in range(k)])
+            new = _cluster_means(x, labels, centers)
             shift = np.sum((new - centers) ** 2)
             centers = new
             if shift <= tol * np.mean(np.var(x, 0)):
@@ -312,6 +326,14 @@ def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
     return best[1], best[2]
 
 
+def _cluster_means(x, labels, centers):
+    """Mean of the points of each cluster; an empty cluster keeps its old centre."""
+    k = len(centers)
+    member = sp.csr_matrix((np.ones(len(x)), (labels, np.arange(len(x)))), shape=(k, len(x)))
+    sizes = np.bincount(labels, minlength=k)[:, None]
+    return np.where(sizes > 0, member @ x / np.maximum(sizes, 1), centers)
+
+
 def _sq_dist(x, centers):
     """Squared Euclidean distances (n, k), clipped at 0 against round-off."""
     d = (x ** 2).sum(1)[:, None] - 2 * x @ centers.T + (centers ** 2).sum(1)[None]
@@ -319,14 +341,22 @@ def _sq_dist(x, centers):
 
 
 def _kmeans_pp(x, k, rng):
-    """k-means++ seeding: each next centre drawn with probability proportional to D(x)^2."""
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, as scikit-learn seeds): each next
+    centre is the best, by the inertia it leaves, of 2 + ln k candidates drawn with probability
+    proportional to D(x)^2. Plain k-means++ (one candidate) lands in poor minima more often."""
     centers = [x[rng.integers(len(x))]]
     closest = _sq_dist(x, centers[0][None])[:, 0]
+    n_trials = 2 + int(np.log(k))
     for _ in range(1, k):
         total = closest.sum()
-        i = rng.choice(len(x), p=closest / total) if total > 0 else rng.integers(len(x))
-        centers.append(x[i])
-        closest = np.minimum(closest, _sq_dist(x, x[i][None])[:, 0])
+        if total > 0:
+            candidates = rng.choice(len(x), n_trials, p=closest / total)
+        else:
+            candidates = rng.integers(len(x), size=n_trials)
+        after = np.minimum(closest, _sq_dist(x, x[candidates]).T)  # (n_trials, n)
+        best = after.sum(1).argmin()
+        centers.append(x[candidates[best]])
+        closest = after[best]
     return np.array(centers)
 
 
@@ -388,9 +418,11 @@ def merge_overclusters(a, over, k, resolution=0.5):
 # ---------------------------------------------------------------- metrics
 
 def _contingency(y, pred):
-    """Counts n_ij of cells with true class i and predicted cluster j."""
-    _, yi = np.unique(y, return_inverse=True)
-    _, pj = np.unique(pred, return_inverse=True)
+    """Counts n_ij of cells with true class i and predicted cluster j. A cell whose label is
+    missing (negative; datasets.load writes -1) is left out, here and so in every metric."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    _, yi = np.unique(y[y >= 0], return_inverse=True)
+    _, pj = np.unique(pred[y >= 0], return_inverse=True)
     table = np.zeros((yi.max() + 1, pj.max() + 1), dtype=np.int64)
     np.add.at(table, (yi, pj), 1)
     return table
@@ -400,12 +432,13 @@ def cluster_acc(y, pred):
     """Clustering accuracy: the best one-to-one map of clusters to classes (Hungarian)."""
     table = _contingency(y, pred)
     rows, cols = linear_sum_assignment(-table)
-    return table[rows, cols].sum() / len(y)
+    return table[rows, cols].sum() / table.sum()
 
 
 def nmi(y, pred):
     """Normalised mutual information, arithmetic normalisation: 2 I(Y; C) / (H(Y) + H(C))."""
-    table = _contingency(y, pred) / len(y)
+    table = _contingency(y, pred)
+    table = table / table.sum()
     py, pc = table.sum(1), table.sum(0)
     nz = table > 0
     mi = np.sum(table[nz] * np.log(table[nz] / np.outer(py, pc)[nz]))
@@ -418,13 +451,13 @@ def ari(y, pred):
     table = _contingency(y, pred)
     pairs = lambda c: (c * (c - 1) / 2).sum()
     index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
-    expected = rows * cols / pairs(np.array([len(y)]))
+    expected = rows * cols / pairs(table.sum(keepdims=True))
     top = (rows + cols) / 2
     return 1.0 if top == expected else float((index - expected) / (top - expected))
 
 
 def scores(y, pred):
-    """ACC, NMI, ARI as a dict, or {} when labels are unknown."""
+    """ACC, NMI, ARI of the cells with a label (y >= 0) as a dict, or {} when labels are unknown."""
     if y is None:
         return {}
     return {"acc": cluster_acc(y, pred), "nmi": nmi(y, pred), "ari": ari(y, pred)}
@@ -436,8 +469,10 @@ def centroid_ari(y, z):
     It reads the labels to place the centres, so it is not a clustering result: it says how
     well the codes z (n, d) separate the labelled types once their centres are known, i.e. the
     ARI a centre-based partition of Z such as the argmax of Eq. (5) could reach from the right
-    start. Compare it with the ARI that k-means on Z or phase 2 actually reaches."""
-    z = np.asarray(z, dtype=np.float64)
+    start. Compare it with the ARI that k-means on Z or phase 2 actually reaches. Cells whose
+    label is missing (-1) are left out."""
+    keep = np.asarray(y) >= 0
+    y, z = np.asarray(y)[keep], np.asarray(z, dtype=np.float64)[keep]
     types = np.unique(y)
     centres = np.stack([z[y == t].mean(0) for t in types])
     return ari(y, types[_sq_dist(z, centres).argmin(1)])
@@ -524,7 +559,8 @@ def _members(p, reliable, n_clusters):
 
 def _adversarial(model, z, rate, members, config, rng):
     """Discriminator inputs: reconstructions of reliable cells (real) and decoded convex
-    combinations (fake), n_cvx of each per cluster; None when no cluster has m reliable cells."""
+    combinations (fake), n_cvx of each per cluster, standardised; None when no cluster has m
+    reliable cells."""
     batch = convex_combinations(z, members, config.m_cvx, config.n_cvx, rng)
     if batch is None:
         return None
@@ -532,7 +568,7 @@ def _adversarial(model, z, rate, members, config, rng):
     fake = torch.log1p(model.features(z_cvx)[1])
     real_idx = np.stack([rng.choice(members[k], config.n_cvx) for k in active.tolist()])
     real = torch.log1p(rate[torch.as_tensor(real_idx, device=z.device)])
-    return real, fake, active
+    return *standardise(real, fake), active
 
 
 def _generator_step(opt_g, model, disc, z, rate, l_ss, members, config, rng):
@@ -545,15 +581,17 @@ def _generator_step(opt_g, model, disc, z, rate, l_ss, members, config, rng):
 
 def _discriminator_step(opt_d, model, disc, z, rate, members, config, rng):
     """One update of the K discriminators (Eq. 12), made after every phase-2 step. Their inputs
-    are built without gradient, so the step cannot reach the encoder or feature head."""
+    are built without gradient, so the step cannot reach the encoder or feature head.
+    Returns {"L_d": sum, "L_d<k>": L_d^(k) of each discriminator k that had inputs}, or {}."""
     with torch.no_grad():
         batch = _adversarial(model, z, rate, members, config, rng)
     if batch is None:
-        return None
+        return {}
     real, fake, active = batch
-    l_d = discriminator_loss(disc(real, active), disc(fake, active))
-    _step(opt_d, l_d)
-    return l_d.item()
+    per = discriminator_loss(disc(real, active), disc(fake, active), reduction="none")
+    _step(opt_d, per.sum())
+    return {"L_d": per.sum().item(),
+            **{f"L_d{k}": v for k, v in zip(active.tolist(), per.tolist())}}
 
 
 def _geometry(z, labels):
@@ -567,6 +605,9 @@ def _log(row, log):
     for key in ("L_X", "L_A", "L_c", "L_o", "L_g", "L_d"):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
+    if "L_d" in row:  # each discriminator at chance adds 2 log 2
+        active = sum(re.fullmatch(r"L_d\d+", key) is not None for key in row)
+        parts[-1] += f" (chance {2 * np.log(2) * active:.4f})"
     if "reliable_c" in row:
         parts.append(f"reliable {row['reliable_c']}/{row['n']}")
     for key in ("ID", "LID"):
@@ -592,6 +633,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     each followed by a discriminator update (Eq. 12). It stops when mean ID >= mean LID
     (after min_epochs) or at max_epochs."""
     config = config or Config()
+    _check_config(config)
     if start is not None:
         start = _check_start(start, adjacency.shape[0], n_clusters)
     torch.manual_seed(config.seed)
@@ -655,7 +697,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
 
     # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
     steps = ["c"] + ["o"] * config.overclustering + ["g"] * config.adversarial
-    losses = {}
+    losses, l_d = {}, {}
     for epoch in range(1, config.max_epochs + 1):
         if (epoch - 1) % config.update_every == 0:
             # q is a target: recomputed here, held fixed in between, Eqs. (6) and (9)
@@ -682,13 +724,11 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
                                             config, rng)
         if config.adversarial:
             l_d = _discriminator_step(opt_d, model, disc, z, rate, members, config, rng)
-            if l_d is not None:
-                losses["L_d"] = l_d
 
         if epoch % config.eval_every == 0 or epoch == config.max_epochs:
             z = _codes(model, data)
             pred = soft_assign(z, phi_c).argmax(1).cpu().numpy()
-            row = {"phase": 2, "epoch": epoch, "of": config.max_epochs, **losses,
+            row = {"phase": 2, "epoch": epoch, "of": config.max_epochs, **losses, **l_d,
                    "reliable_c": int(reliable_c.sum()), "reliable_o": int(reliable_o.sum())}
             row["ID"], row["LID"] = _geometry(z, pred)
             row.update(scores(y, pred))
@@ -703,6 +743,182 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     labels = soft_assign(z, phi_c).argmax(1).cpu().numpy()
     return Result(labels=labels, embedding=z.cpu().numpy(), history=history,
                   metrics={**scores(y, labels), "phase2_epochs": epoch})
+
+
+# ---------------------------------------------------------------- one call: counts in, labels out
+
+def cluster(counts, n_clusters, labels=None, log=print, **config):
+    """Cluster raw counts in one call: preprocess, kNN graph A and fit, as the command line runs
+    them (the same seed gives the command line's labels on the same counts).
+
+    counts: (n, g) raw counts, cells x genes, a numpy array or scipy sparse matrix; n_clusters: K;
+    labels: optional (n,) labels of the rows, for scoring only (missing: -1, NaN, "unknown");
+    config: Config fields as keywords (seed=1, max_epochs=50, ...); log: where the progress lines
+    go (log=lambda line: None silences them).
+    -> Result whose labels (n,) and embedding (n, d) line up with the rows of counts: -1 and a row
+    of NaN for a cell that preprocessing dropped (no counts). Bad input raises a one-line
+    ValueError with the command line's message; a run that diverges raises FloatingPointError."""
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}: not a field of sctcm.Config")
+    config = Config(**config)
+    _check_settings(n_clusters, config)
+    dataset = _counts_dataset(counts, labels)
+    prepared, adjacency = _prepare(dataset, n_clusters, config)
+    _describe(prepared, adjacency, n_clusters, log)
+    result = fit(prepared, adjacency, n_clusters, config, log=log)
+    n = dataset.counts.shape[0]
+    rows = np.full(n, -1, dtype=result.labels.dtype)
+    rows[prepared.cells] = result.labels
+    embedding = np.full((n, result.embedding.shape[1]), np.nan, dtype=result.embedding.dtype)
+    embedding[prepared.cells] = result.embedding
+    return dataclasses.replace(result, labels=rows, embedding=embedding)
+
+
+def _counts_dataset(counts, labels):
+    """cluster()'s input as a datasets.Dataset named "counts", its labels encoded as load()
+    encodes a file's (the counts themselves are checked by datasets.preprocess)."""
+    x = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+    if x.ndim != 2 or x.dtype.kind not in "biuf":
+        raise ValueError(f"counts: expected a numeric matrix, cells x genes, got {x.dtype} "
+                         f"of shape {x.shape}")
+    if labels is not None and len(labels) != x.shape[0]:
+        raise ValueError(f"counts: {len(labels)} labels for {x.shape[0]} cells x {x.shape[1]} genes")
+    codes, names = datasets._encode_labels(labels, None)
+    return datasets.Dataset(counts=x, labels=codes, label_names=names, name="counts")
+
+
+def _check_settings(k, config):
+    """The checks of K and the settings that need no data, before any work (main and cluster)."""
+    _check_config(config)
+    if k is not None and not isinstance(k, (int, np.integer)):
+        raise ValueError(f"--clusters must be a whole number, got {k!r}")
+    if k is not None and k < 2:
+        raise ValueError(f"--clusters must be at least 2, got {k}")
+
+
+def _prepare(dataset, k, config):
+    """Preprocess, check K and n_o against the cells that remain, build the kNN graph A
+    (main and cluster) -> (prepared, adjacency)."""
+    prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
+    if max(k, config.n_over) > prepared.x.shape[0]:
+        raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
+                         f"{prepared.x.shape[0]} cells")
+    if config.init == "merge" and k > config.n_over:
+        raise ValueError(f"--init merge merges the {config.n_over} overclusters: --clusters {k} "
+                         "needs --n-over at least as large")
+    adjacency = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
+    return prepared, adjacency
+
+
+def _describe(prepared, adjacency, k, log):
+    """The lines a run starts with: what preprocessing kept, the graph, the cells scored."""
+    n, g = prepared.x.shape
+    for note in prepared.notes:
+        log(note)
+    log(f"{prepared.name}: {n} cells x {g} genes, K = {k}, graph {adjacency.nnz // 2} edges")
+    if prepared.labels is not None and np.any(prepared.labels < 0):
+        labelled = np.count_nonzero(prepared.labels >= 0)
+        log(f"scored {labelled} of {n} cells with labels; the other {n - labelled} have none and "
+            "are clustered, not scored")
+
+
+# ---------------------------------------------------------------- pictures (--plot, reproduce.py)
+
+def _plots(folder, prepared, result):
+    """--plot: fig2.png, embedding.png and losses.png into folder -> their names; none, and one
+    line saying so, where matplotlib (optional, not in requirements.txt) is not installed."""
+    try:
+        plot_fig2(folder / "fig2.png", {prepared.name: result.history})
+        _plot_embedding(folder / "embedding.png", result, prepared.labels, prepared.label_names)
+        _plot_losses(folder / "losses.png", result.history)
+    except ImportError:
+        print("--plot: matplotlib is not installed; pictures skipped")
+        return []
+    return ["fig2.png", "embedding.png", "losses.png"]
+
+
+def _figure(width, height):
+    """An empty matplotlib Figure on the Agg canvas: PNG files, no display, no pyplot state.
+    Raises ImportError where matplotlib is not installed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _through_phases(ax, rows):
+    """The x of each history row (fit's, or history.csv's strings): its epoch counted through
+    both phases, phase-2 epoch e at T1 + e; marks T1, the end of phase 1, on ax."""
+    t1 = next(int(r["of"]) for r in rows if int(r["phase"]) == 1)
+    ax.axvline(t1, color="grey", ls="--", lw=1, label="end of phase 1")
+    return [int(r["epoch"]) + t1 * (int(r["phase"]) == 2) for r in rows]
+
+
+def plot_fig2(path, panels):
+    """The paper's Fig. 2 as a PNG: mean per-cluster ID (TwoNN) and LID (PCA) at every logged
+    epoch of both phases. panels: {title: history rows}, one panel each, side by side."""
+    fig = _figure(1 + 5 * len(panels), 4)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, rows) in zip(axes, panels.items()):
+        x = _through_phases(ax, rows)
+        for key, name in (("ID", "ID (TwoNN)"), ("LID", "LID (PCA, 99% variance)")):
+            ax.plot(x, [float(r[key]) for r in rows], marker="o", ms=3, label=name)
+        ax.set(title=title, xlabel="epoch (phase 1, then phase 2)")
+    axes[0].set_ylabel("mean per-cluster dimension")
+    axes[0].legend()
+    fig.savefig(path, dpi=150)
+
+
+def _plot_embedding(path, result, labels, label_names):
+    """Codes Z on their first two principal components, coloured by cluster, and beside it by
+    the file's labels when it has them (cells without a label in grey)."""
+    from matplotlib import colormaps
+    pcs = datasets.pca(result.embedding.astype(np.float64), 2)
+    k = result.labels.max() + 1
+    panels = [("scTCM clusters", result.labels, [f"cluster {j}" for j in range(k)])]
+    if labels is not None:
+        panels.append(("labels of the file", labels, label_names))
+    fig = _figure(7 * len(panels), 4.5)
+    for ax, (title, groups, names) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        if np.any(groups < 0):
+            ax.scatter(*pcs[groups < 0].T, s=4, color="lightgrey", label="no label")
+        for j, name in enumerate(names):
+            ax.scatter(*pcs[groups == j].T, s=4, color=colormaps["tab20"](j % 20), label=name)
+        ax.set(title=title, xlabel="PC 1 of Z", ylabel="PC 2 of Z")
+        ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=3,
+                  ncols=1 + len(names) // 15)
+    fig.savefig(path, dpi=150)
+
+
+LOSSES = {"L_X": "$L_X$, ZINB (Eq. 3)", "L_A": "$L_A$, structure (Eq. 2)",
+          "L_c": "$L_c$, clusters (Eq. 7)", "L_o": "$L_o$, overclusters (Eq. 10)",
+          "L_g": "$L_g$, generator (Eq. 13)", "L_d": "$L_d$, discriminators (Eq. 12)"}
+
+
+def _plot_losses(path, history):
+    """Each loss of the history at every logged epoch, one panel per loss, L_d with its chance
+    level (2 log 2 per discriminator)."""
+    keys = [key for key in LOSSES if any(key in row for row in history)]
+    fig = _figure(12, 1 + 3 * -(-len(keys) // 3))
+    fig.suptitle("losses at each logged epoch (dashed: end of phase 1)")
+    fig.supxlabel("epoch (phase 1, then phase 2)")
+    axes = fig.subplots(-(-len(keys) // 3), 3, sharex=True, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        x = np.array(_through_phases(ax, history))
+        has = np.array([key in row for row in history])
+        ax.plot(x[has], [row[key] for row in history if key in row], marker="o", ms=3)
+        if key == "L_d":
+            chance = [2 * np.log(2) * sum(re.fullmatch(r"L_d\d+", k) is not None for k in row)
+                      for row in history if key in row]
+            ax.plot(x[has], chance, color="black", lw=1, ls=":", label="chance")
+            ax.legend()
+        ax.set_title(LOSSES[key])
+        ax.tick_params(labelbottom=True)  # sharex hides them above a panel that may be hidden
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    fig.savefig(path, dpi=150)
 
 
 # ---------------------------------------------------------------- command line
@@ -726,7 +942,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser():
     parser = _Parser(description="scTCM deep graph clustering of a scRNA-seq count matrix.")
     parser.add_argument("path", nargs="?", help="count matrix: .h5, .h5ad, 10x folder, CSV/TSV")
-    parser.add_argument("--clusters", type=int, help="K, the number of clusters (required "
+    parser.add_argument("--clusters", type=int, help="K, the number of clusters, >= 2 (required "
                         "for a file; labels in the file are used for scoring only)")
     parser.add_argument("--demo", action="store_true", help="run on datasets.synthetic()")
     parser.add_argument("--out", default="sctcm_output", help="output folder (must not exist "
@@ -734,6 +950,8 @@ def _parser():
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder once the run has finished")
     parser.add_argument("--label-key", help="obs column holding the labels of an .h5ad file")
+    parser.add_argument("--plot", action="store_true", help="also draw fig2.png, embedding.png "
+                        "and losses.png (needs matplotlib, an optional extra)")
     helps = _field_help()
     for f in dataclasses.fields(Config):
         flag, default = "--" + f.name.replace("_", "-"), f.default
@@ -750,31 +968,55 @@ def _parser():
 
 
 def _check_config(config):
-    """Raise a one-line ValueError for a setting that cannot run."""
-    positive = ("hidden", "latent", "disc_hidden", "pretrain_epochs", "max_epochs", "eval_every",
-                "update_every", "m_cvx", "n_cvx", "block", "n_top_genes", "n_neighbors", "n_pcs")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= config.dropout < 1:
-        raise ValueError("--dropout must be in [0, 1)")
-    if not 0 < config.reliable_frac <= 1:
-        raise ValueError("--reliable-frac must be in (0, 1]")
-    if config.init not in ("spectral", "kmeans", "merge"):
-        raise ValueError(f"--init must be spectral, kmeans or merge, got {config.init}")
-    if config.resolution <= 0:
-        raise ValueError("--resolution must be positive")
-    if config.n_over < 2:
-        raise ValueError("--n-over must be at least 2")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {config.device}: CUDA is not available here")
+    """Raise a one-line ValueError for a setting outside the range its Config comment states
+    (a beta_c of 1.5, say, would leave every cell unreliable and phase 2 idle)."""
+    ranges = [  # (fields, the range in words, test of a value)
+        (("n_top_genes", "n_neighbors", "n_pcs", "hidden", "latent", "disc_hidden",
+          "pretrain_epochs", "update_every", "n_cvx", "max_epochs", "eval_every", "block"),
+         "at least 1", lambda v: v >= 1),
+        (("n_over", "m_cvx"), "at least 2", lambda v: v >= 2),
+        (("min_epochs",), "at least 0", lambda v: v >= 0),
+        (("w_x", "w_a", "gamma_c", "gamma_o", "gamma_g"), "a finite number >= 0",
+         lambda v: 0 <= v < np.inf),
+        (("lr_pretrain", "lr_cluster", "lr_adv", "resolution"), "a finite number > 0",
+         lambda v: 0 < v < np.inf),
+        (("dropout",), "in [0, 1)", lambda v: 0 <= v < 1),
+        (("reliable_frac",), "in (0, 1]", lambda v: 0 < v <= 1),
+        (("beta_c", "beta_o"), 'in [0, 1) or "auto"', lambda v: v == "auto" or 0 <= v < 1),
+        (("decoder",), "widths of at least 1", lambda v: all(w >= 1 for w in v)),
+        (("init",), "spectral, kmeans or merge", lambda v: v in ("spectral", "kmeans", "merge")),
+        (("seed",), "in [0, 2^32)", lambda v: 0 <= v < 2**32),
+        (("device",), "cpu, cuda or cuda:N", lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v)),
+    ]
+    for names, words, test in ranges:
+        for name in names:
+            if not test(getattr(config, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be {words}, "
+                                 f"got {getattr(config, name)}")
+    gpus = torch.cuda.device_count()
+    if config.device != "cpu" and int(config.device[5:] or 0) >= gpus:
+        where = f"this machine has {gpus} CUDA devices" if gpus else "CUDA is not available here"
+        raise ValueError(f"--device {config.device}: {where}")
+
+
+def _check_out(out, overwrite):
+    """Refuse an --out that is not empty (without --overwrite) or cannot be created."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: output folder exists and is not empty (use --overwrite)")
+    base = next(p for p in out.absolute().parents if p.exists())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot create the output folder ({base} is not a writable folder)")
 
 
 def _inputs(args, config):
-    """Load, check and preprocess the input; every bad input raises ValueError (one line)."""
-    _check_config(config)
+    """Check the command line, then load, preprocess and build the graph; every bad input raises
+    ValueError (one line)."""
+    _check_settings(args.clusters, config)
     if args.demo == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
+    if args.demo and args.label_key is not None:
+        raise ValueError("--label-key names a label column of a file; --demo has none")
+    _check_out(Path(args.out), args.overwrite)
     if args.demo:
         dataset = datasets.synthetic()
         k = args.clusters or len(dataset.label_names)
@@ -783,19 +1025,7 @@ def _inputs(args, config):
             raise ValueError("--clusters K is required with a file")
         dataset = datasets.load(args.path, label_key=args.label_key)
         k = args.clusters
-    out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: output folder exists and is not empty (use --overwrite)")
-    if k < 2:
-        raise ValueError(f"--clusters must be at least 2, got {k}")
-    prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
-    if max(k, config.n_over) > prepared.x.shape[0]:
-        raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
-                         f"{prepared.x.shape[0]} cells")
-    if config.init == "merge" and k > config.n_over:
-        raise ValueError(f"--init merge merges the {config.n_over} overclusters: --clusters {k} "
-                         "needs --n-over at least as large")
-    adjacency = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
+    prepared, adjacency = _prepare(dataset, k, config)
     return dataset, prepared, adjacency, k
 
 
@@ -838,9 +1068,7 @@ def main(argv=None):
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
     n, g = prepared.x.shape
-    for note in prepared.notes:
-        print(note)
-    print(f"{dataset.name}: {n} cells x {g} genes, K = {k}, graph {adjacency.nnz // 2} edges")
+    _describe(prepared, adjacency, k, print)
     prep_seconds = time.time() - start
     try:
         result = fit(prepared, adjacency, k, config)
@@ -864,8 +1092,10 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     _write_outputs(tmp, prepared, result, summary)
+    pictures = _plots(tmp, prepared, result) if args.plot else []
     _publish(tmp, out, args.overwrite)
-    print(f"wrote {out}/: labels.csv embedding.csv history.csv summary.json")
+    print(f"wrote {out}/: " + " ".join(["labels.csv", "embedding.csv", "history.csv",
+                                        "summary.json", *pictures]))
     return 0
 
 
