@@ -1,6 +1,9 @@
 """Reproduce Table 1, Table 2 and Fig. 2 of the paper on a folder of labelled count matrices.
 
-    python reproduce.py ../shared/data --seeds 3 --out reproduction
+    python reproduce.py FOLDER --seeds 3 --out reproduction
+
+FOLDER holds labelled .h5/.h5ad files, e.g. the benchmark files of README.md's "Getting the
+data". Every scTCM run uses the defaults; the variants add flags (VARIANTS).
 
 Every (dataset, variant, seed) is one run of sctcm.py's command line in its own process, so
 its time and peak memory are its own; it lands in OUT/runs/<dataset>/<variant>/seed<s>/.
@@ -212,8 +215,8 @@ def fig2(out, stem, seed):
 
 def _parser():
     parser = argparse.ArgumentParser(description="Reproduce the paper's tables and Fig. 2.")
-    parser.add_argument("folder", nargs="?", default="../shared/data",
-                        help="folder of labelled .h5/.h5ad count matrices")
+    parser.add_argument("folder", help="folder of labelled .h5/.h5ad count matrices "
+                        "(README, 'Getting the data')")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per dataset")
     parser.add_argument("--out", default="reproduction", help="output folder (resumed if there)")
     parser.add_argument("--datasets", nargs="+", metavar="STEM",

@@ -8,7 +8,8 @@ convex combinations of latent codes (Eqs. 11-13), stopped when the mean intrinsi
 dimension of the clusters reaches their linear intrinsic dimension (Fig. 2).
 
     python sctcm.py --demo
-    python sctcm.py data.h5 --clusters 9 --out results
+    python sctcm.py data.h5 --clusters 9 --out results --plot
+    result = sctcm.cluster(counts, 9)   # in Python: raw counts, cells x genes
 
 References
 - Mrabah, Amar, Bouguessa, Diallo. Toward convex manifolds: a geometric perspective for deep
@@ -605,9 +606,8 @@ def _log(row, log):
     for key in ("L_X", "L_A", "L_c", "L_o", "L_g", "L_d"):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
-    if "L_d" in row:  # each discriminator at chance adds 2 log 2
-        active = sum(re.fullmatch(r"L_d\d+", key) is not None for key in row)
-        parts[-1] += f" (chance {2 * np.log(2) * active:.4f})"
+    if "L_d" in row:
+        parts[-1] += f" (chance {_chance(row):.4f})"
     if "reliable_c" in row:
         parts.append(f"reliable {row['reliable_c']}/{row['n']}")
     for key in ("ID", "LID"):
@@ -619,6 +619,11 @@ def _log(row, log):
         if key in row:
             parts.append(f"{name} {row[key]:.3f}")
     log(" | ".join(parts))
+
+
+def _chance(row):
+    """L_d of a history row's discriminators all at chance, D = 1/2: 2 log 2 each (Eq. 12)."""
+    return 2 * np.log(2) * sum(re.fullmatch(r"L_d\d+", key) is not None for key in row)
 
 
 def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
@@ -752,7 +757,7 @@ def cluster(counts, n_clusters, labels=None, log=print, **config):
     them (the same seed gives the command line's labels on the same counts).
 
     counts: (n, g) raw counts, cells x genes, a numpy array or scipy sparse matrix; n_clusters: K;
-    labels: optional (n,) labels of the rows, for scoring only (missing: -1, NaN, "unknown");
+    labels: optional (n,) labels of the rows, for scoring only (missing: -1, NaN, "", "NA");
     config: Config fields as keywords (seed=1, max_epochs=50, ...); log: where the progress lines
     go (log=lambda line: None silences them).
     -> Result whose labels (n,) and embedding (n, d) line up with the rows of counts: -1 and a row
@@ -782,8 +787,13 @@ def _counts_dataset(counts, labels):
     if x.ndim != 2 or x.dtype.kind not in "biuf":
         raise ValueError(f"counts: expected a numeric matrix, cells x genes, got {x.dtype} "
                          f"of shape {x.shape}")
-    if labels is not None and len(labels) != x.shape[0]:
-        raise ValueError(f"counts: {len(labels)} labels for {x.shape[0]} cells x {x.shape[1]} genes")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != x.shape[0]:
+            raise ValueError(f"counts: {len(labels)} labels for {x.shape[0]} cells x "
+                             f"{x.shape[1]} genes")
+        if labels.dtype.kind == "O":  # a pandas column: strings, NaN where a label is missing
+            labels = labels.astype(str)
     codes, names = datasets._encode_labels(labels, None)
     return datasets.Dataset(counts=x, labels=codes, label_names=names, name="counts")
 
@@ -901,17 +911,17 @@ def _plot_losses(path, history):
     """Each loss of the history at every logged epoch, one panel per loss, L_d with its chance
     level (2 log 2 per discriminator)."""
     keys = [key for key in LOSSES if any(key in row for row in history)]
-    fig = _figure(12, 1 + 3 * -(-len(keys) // 3))
+    n_rows = -(-len(keys) // 3)
+    fig = _figure(12, 1 + 3 * n_rows)
     fig.suptitle("losses at each logged epoch (dashed: end of phase 1)")
     fig.supxlabel("epoch (phase 1, then phase 2)")
-    axes = fig.subplots(-(-len(keys) // 3), 3, sharex=True, squeeze=False).ravel()
+    axes = fig.subplots(n_rows, 3, sharex=True, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
         x = np.array(_through_phases(ax, history))
         has = np.array([key in row for row in history])
         ax.plot(x[has], [row[key] for row in history if key in row], marker="o", ms=3)
         if key == "L_d":
-            chance = [2 * np.log(2) * sum(re.fullmatch(r"L_d\d+", k) is not None for k in row)
-                      for row in history if key in row]
+            chance = [_chance(row) for row in history if key in row]
             ax.plot(x[has], chance, color="black", lw=1, ls=":", label="chance")
             ax.legend()
         ax.set_title(LOSSES[key])

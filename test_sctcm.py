@@ -1175,8 +1175,9 @@ def test_discriminator_step_changes_only_discriminator_parameters():
     model, disc, config, z, rate, _, members = _phase2_parts()
     before_model, before_disc = _snapshot(model), _snapshot(disc)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2)
-    assert sctcm._discriminator_step(opt_d, model, disc, z, rate, members, config,
-                                     np.random.default_rng(0)) is not None
+    losses = sctcm._discriminator_step(opt_d, model, disc, z, rate, members, config,
+                                       np.random.default_rng(0))
+    assert set(losses) == {"L_d", "L_d0", "L_d1", "L_d2"}
     assert not any(_changed(model, before_model))
     assert all(_changed(disc, before_disc))
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
@@ -1502,17 +1503,111 @@ QUICK_KEYWORDS = dict(pretrain_epochs=3, max_epochs=3, min_epochs=1, eval_every=
 EMPTY_ROWS = [0, 57, 158]  # cells with no counts, dropped by preprocessing
 
 
-def _counts_with_empty_rows(tmp_path):
-    """240 synthetic cells x 120 genes, three of them all zero, and the same as tmp_path/toy.h5."""
+def _counts_with_empty_rows():
+    """240 synthetic cells x 120 genes, three of them all zero, and their labels."""
     data = datasets.synthetic(n_cells=240, n_genes=120, n_clusters=3, seed=2)
     counts = np.asarray(data.counts)
     counts[EMPTY_ROWS] = 0
-    _write(tmp_path / "toy.h5", X=counts, Y=data.labels)
     return counts, data.labels
 
 
-def test_cluster_lines_results_up_with_the_input_rows():
-    counts, _ = _counts_with_empty_rows(Path("/nonexistent")) if False else (None, None)
+def test_cluster_lines_its_results_up_with_the_input_rows():
+    """A dropped cell gets -1 and a row of NaN; the others get what fit gives on the kept cells."""
+    counts, _ = _counts_with_empty_rows()
+    lines = []
+    result = sctcm.cluster(sp.csr_matrix(counts), 3, log=lines.append, **QUICK_KEYWORDS)
+    dropped = np.isin(np.arange(240), EMPTY_ROWS)
+    assert result.labels.shape == (240,) and result.embedding.shape == (240, 4)
+    assert np.all(result.labels[dropped] == -1) and np.all(np.isnan(result.embedding[dropped]))
+    assert "dropped 3 of 240 cells" in lines[0] and "ari" not in result.metrics
+    prepared = datasets.preprocess(datasets.Dataset(counts=counts[~dropped]))
+    alone = sctcm.fit(prepared, datasets.knn_graph(prepared.x), 3,
+                      sctcm.Config(**QUICK_KEYWORDS), log=lambda line: None)
+    assert np.array_equal(result.labels[~dropped], alone.labels)
+    assert np.array_equal(result.embedding[~dropped], alone.embedding)
+    assert result.history == alone.history
+
+
+def test_cluster_gives_the_command_line_labels_for_the_same_seed(tmp_path):
+    counts, labels = _counts_with_empty_rows()
+    _write(tmp_path / "toy.h5", X=counts, Y=labels)
+    flags = ["--clusters", "3", "--seed", "1", "--out", str(tmp_path / "out"), *QUICK.split()]
+    assert sctcm.main([str(tmp_path / "toy.h5"), *flags]) == 0
+    cells = np.loadtxt(tmp_path / "out" / "labels.csv", delimiter=",", skiprows=1, dtype=str)
+    rows = [int(name.removeprefix("cell")) for name in cells[:, 0]]
+    result = sctcm.cluster(counts, 3, labels=labels, seed=1, log=lambda line: None,
+                           **QUICK_KEYWORDS)
+    assert sorted(set(range(240)) - set(rows)) == EMPTY_ROWS
+    assert np.array_equal(result.labels[rows], cells[:, 1].astype(int))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert result.metrics == summary["metrics"]
+
+
+@pytest.mark.parametrize("k, keywords, flags", [
+    (3, dict(dropout=1.5), ["--dropout", "1.5"]),
+    (1, {}, []),
+    (500, {}, []),
+    (5, dict(n_over=4), ["--n-over", "4"]),
+])
+def test_cluster_refuses_bad_input_with_the_command_line_message(tmp_path, capsys, k, keywords,
+                                                                 flags):
+    counts, _ = _counts_with_empty_rows()
+    _write(tmp_path / "toy.h5", X=counts)
+    assert sctcm.main([str(tmp_path / "toy.h5"), "--clusters", str(k), *flags,
+                       "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err.strip().removeprefix("sctcm: error: ")
+    with pytest.raises(ValueError) as error:
+        sctcm.cluster(counts, k, log=lambda line: None, **keywords)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("counts, keywords, message", [
+    (np.ones((30, 12)), dict(max_epoch=5), "unknown setting 'max_epoch'"),
+    (-np.ones((30, 12)), {}, "360 negative counts"),
+    (np.full((30, 12), "1"), {}, "numeric matrix"),
+    (np.ones((30, 12)), dict(labels=[0, 1]), "2 labels for 30 cells"),
+])
+def test_cluster_refuses_bad_arguments_in_one_line(counts, keywords, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        sctcm.cluster(counts, 3, log=lambda line: None, **keywords)
+    assert "\n" not in str(error.value)
+
+
+def test_cluster_reads_the_labels_of_a_pandas_column_with_missing_values():
+    labels = np.array(["b", "a", np.nan, "b"], dtype=object)  # what .to_numpy() gives
+    assert sctcm._counts_dataset(np.ones((4, 3)), labels).labels.tolist() == [1, 0, -1, 1]
+
+
+def _plot_run(tmp_path):
+    """The command line with --plot on a small labelled file -> (exit code, stdout, out folder)."""
+    data = datasets.synthetic(n_cells=240, n_genes=120, n_clusters=3, seed=0)
+    _write(tmp_path / "toy.h5", X=np.asarray(data.counts), Y=data.labels)
+    out = tmp_path / "out"
+    code = sctcm.main([str(tmp_path / "toy.h5"), "--clusters", "3", "--out", str(out), "--plot",
+                       *QUICK.split()])
+    return code, out
+
+
+def test_plot_draws_three_pngs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code, out = _plot_run(tmp_path)
+    assert code == 0
+    pictures = ["embedding.png", "fig2.png", "losses.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == pictures
+    for name in pictures:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.splitlines()[-1].endswith("fig2.png embedding.png losses.png")
+
+
+def test_plot_without_matplotlib_says_so_in_one_line_and_exits_0(tmp_path, capsys, monkeypatch):
+    for name in ["matplotlib", *(m for m in sys.modules if m.startswith("matplotlib."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    code, out = _plot_run(tmp_path)
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count("--plot: matplotlib is not installed; pictures skipped\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "embedding.csv", "history.csv", "labels.csv", "summary.json"]
 
 
 # ---------------------------------------------------------------- reproduce.py
