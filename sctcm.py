@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class Config:
     max_epochs: int = 100          # phase 2 stops here if ID never reaches LID (>= 1)
     eval_every: int = 10           # epochs between ID/LID evaluations and log lines (>= 1)
     block: int = 1024              # rows of the n x n logits of Eq. (2) alive at a time (>= 1)
+    losses: str = "auto"           # "exact", "sampled" or "auto" (sampled above batch_size cells)
+    batch_size: int = 2048         # cells per epoch of Eqs. (3), (7), (10) when losses are sampled (>= 1)
     adversarial: bool = True       # Eqs. (11)-(13); False is the "no adversarial" ablation
     overclustering: bool = True    # Eqs. (8)-(10); False is the "no overclustering" ablation
     seed: int = 0                  # seeds numpy and torch once, at the start of fit, in [0, 2^32)
@@ -106,13 +109,32 @@ def _normalize(a):
 
 
 def normalized_adjacency(a):
-    """D^-1/2 (A + I) D^-1/2 of Eq. (1), D = diag((A + I) 1), as a sparse torch tensor.
+    """D^-1/2 (A + I) D^-1/2 of Eq. (1), D = diag((A + I) 1), as a sparse CSR torch tensor.
 
     a: (n, n) scipy sparse 0/1 adjacency without self loops."""
-    coo = _normalize(a + sp.identity(a.shape[0], format="csr")).tocoo()
-    indices = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
-    values = torch.as_tensor(coo.data, dtype=torch.float32)
-    return torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True).coalesce()
+    csr = _normalize(a + sp.identity(a.shape[0], format="csr")).tocsr()
+    csr.sort_indices()
+    with warnings.catch_warnings():  # torch calls its CSR support "beta"; the product is tested
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(torch.as_tensor(csr.indptr, dtype=torch.long),
+                                       torch.as_tensor(csr.indices, dtype=torch.long),
+                                       torch.as_tensor(csr.data, dtype=torch.float32), csr.shape,
+                                       check_invariants=True)
+
+
+class _Propagate(torch.autograd.Function):
+    """A_n H for the symmetric normalised adjacency A_n of Eq. (1); the gradient A_n^T G is
+    A_n G, so both directions are one CSR product (torch's own sparse backward forms the
+    transpose, about twice the time of the product itself)."""
+
+    @staticmethod
+    def forward(ctx, a_norm, h):
+        ctx.a_norm = a_norm
+        return a_norm @ h
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, ctx.a_norm @ grad_output
 
 
 class Encoder(nn.Module):
@@ -126,8 +148,8 @@ class Encoder(nn.Module):
     def forward(self, x, a_norm):
         """x: (n, g) scaled log expression; a_norm: sparse (n, n) -> Z (n, d)."""
         x = F.dropout(x, self.dropout, self.training)
-        h = torch.relu(torch.sparse.mm(a_norm, self.w1(x)))
-        return torch.sparse.mm(a_norm, self.w2(h))
+        h = torch.relu(_Propagate.apply(a_norm, self.w1(x)))
+        return _Propagate.apply(a_norm, self.w2(h))
 
 
 class FeatureHead(nn.Module):
@@ -195,22 +217,35 @@ class _AllPairsSoftplus(torch.autograd.Function):
         return grad_output * grad, None
 
 
-def structure_loss(z, edges, block=1024):
+def structure_loss(z, edges, block=1024, pairs=None):
     """L_A, Eq. (2): weighted binary cross-entropy between A and sigmoid(Z Z^T), from logits.
 
     Positives are weighted as in the GAE reference: pos_weight = (n^2 - |E|) / |E| and the mean
-    over all n^2 pairs times norm = n^2 / (2 (n^2 - |E|)). Exact over all pairs, written as
+    over all n^2 pairs times norm = n^2 / (2 (n^2 - |E|)). Written as
     sum_ij softplus(l_ij) + sum_(i,j) in E [pos_weight softplus(-l_ij) - softplus(l_ij)]
-    (the BCE of a pair is softplus(l) for a = 0 and softplus(-l) for a = 1).
-    z: (n, d); edges: (2, |E|) long tensor listing both directions of every edge of A."""
+    (the BCE of a pair is softplus(l) for a = 0 and softplus(-l) for a = 1), exact over all
+    pairs. With `pairs`, M cell pairs (i, j) drawn uniformly from all n^2 (negative sampling,
+    as in LINE or GraphSAGE), the first sum is estimated by n^2 / M sum_m softplus(l_(i_m j_m)):
+    the edge terms stay exact, the estimate is unbiased and costs O(|E| + M), not O(n^2).
+    z: (n, d); edges: (2, |E|) long tensor listing both directions of every edge of A;
+    pairs: optional (2, M) long tensor of uniformly drawn cells."""
     n, n_edges = z.shape[0], edges.shape[1]
     pos_weight = (n * n - n_edges) / n_edges
     norm = n * n / (2 * (n * n - n_edges))
-    # index_select, not z[edges[0]]: its backward (index_add) sums repeated rows in a fixed order,
-    # while advanced indexing's backward accumulates in thread order and varies between runs.
-    logits = (z.index_select(0, edges[0]) * z.index_select(0, edges[1])).sum(1)
+    logits = _pair_logits(z, edges)
     edge_terms = pos_weight * F.softplus(-logits) - F.softplus(logits)
-    return norm * (_AllPairsSoftplus.apply(z, block) + edge_terms.sum()) / (n * n)
+    if pairs is None:
+        all_pairs = _AllPairsSoftplus.apply(z, block)
+    else:
+        all_pairs = F.softplus(_pair_logits(z, pairs)).sum() * (n * n / pairs.shape[1])
+    return norm * (all_pairs + edge_terms.sum()) / (n * n)
+
+
+def _pair_logits(z, pairs):
+    """z_i . z_j for each column (i, j) of pairs, (2, M) -> (M,)."""
+    # index_select, not z[pairs[0]]: its backward (index_add) sums repeated rows in a fixed order,
+    # while advanced indexing's backward accumulates in thread order and varies between runs.
+    return (z.index_select(0, pairs[0]) * z.index_select(0, pairs[1])).sum(1)
 
 
 # ---------------------------------------------------------------- clustering losses
@@ -512,13 +547,39 @@ def _check_start(start, n, n_clusters):
     return start
 
 
-def _self_supervision(model, data, config):
-    """One forward pass: Z, decoded rate, L_X (Eq. 3) and L_A (Eq. 2)."""
+def _sampled(config, n):
+    """Whether a run of n cells estimates its losses from samples (Config.losses)."""
+    return config.losses == "sampled" or (config.losses == "auto" and n > config.batch_size)
+
+
+def _sampler(n, n_edges, config, device):
+    """The draws of one epoch -> (cells, pairs). Sampled path: batch_size cells without
+    replacement (the cells of Eqs. 3, 7, 10) and, for every cell i, |E| / n partners j drawn
+    uniformly (the pairs of Eq. 2: as many as edges, each cell equally often a first end, which
+    keeps the estimate unbiased and lowers its variance). Exact path: (None, None), every cell
+    and every pair."""
+    if not _sampled(config, n):
+        return lambda: (None, None)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    first = torch.arange(n, device=device).repeat_interleave(max(1, n_edges // n))
+    return lambda: (torch.randperm(n, generator=generator, device=device)[:config.batch_size],
+                    torch.stack([first, torch.randint(n, first.shape, generator=generator,
+                                                      device=device)]))
+
+
+def _rows(t, cells):
+    """The rows `cells` of t, or t itself when cells is None (every cell)."""
+    return t if cells is None else t.index_select(0, cells)
+
+
+def _self_supervision(model, data, config, cells=None, pairs=None):
+    """One forward pass: Z of every cell (the GCN of Eq. 1 is exact), the decoded rate of
+    `cells`, L_X (Eq. 3, mean over those cells) and L_A (Eq. 2, exact or from `pairs`)."""
     z = model.encoder(data["x"], data["a_norm"])
-    pi, rate, theta = model.features(z)
-    l_x = zinb_nll(data["counts"], rate * data["size_factors"], theta, pi,
-                   lgamma_x1=data["lgamma_x1"])
-    l_a = structure_loss(z, data["edges"], config.block)
+    pi, rate, theta = model.features(_rows(z, cells))
+    l_x = zinb_nll(_rows(data["counts"], cells), rate * _rows(data["size_factors"], cells), theta,
+                   pi, lgamma_x1=_rows(data["lgamma_x1"], cells))
+    l_a = structure_loss(z, data["edges"], config.block, pairs)
     return z, rate, l_x, l_a
 
 
@@ -561,14 +622,16 @@ def _members(p, reliable, n_clusters):
 def _adversarial(model, z, rate, members, config, rng):
     """Discriminator inputs: reconstructions of reliable cells (real) and decoded convex
     combinations (fake), n_cvx of each per cluster, standardised; None when no cluster has m
-    reliable cells."""
+    reliable cells. rate: the decoded rate of every cell (exact path), or None to decode the
+    chosen cells here (sampled path, where the epoch decoded a batch only)."""
     batch = convex_combinations(z, members, config.m_cvx, config.n_cvx, rng)
     if batch is None:
         return None
     z_cvx, active = batch
     fake = torch.log1p(model.features(z_cvx)[1])
     real_idx = np.stack([rng.choice(members[k], config.n_cvx) for k in active.tolist()])
-    real = torch.log1p(rate[torch.as_tensor(real_idx, device=z.device)])
+    rows = torch.as_tensor(real_idx, device=z.device)
+    real = torch.log1p(rate[rows] if rate is not None else model.features(z[rows])[1])
     return *standardise(real, fake), active
 
 
@@ -633,10 +696,16 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     labels used for scoring only); adjacency: (n, n) scipy sparse A; n_clusters: K.
     start: optional (n,) partition into clusters 0..K-1 whose mean codes become phi^c instead
     of config.init's (e.g. the true labels, to see what phase 2 does from the right start).
-    Phase 2 alternates the paper's three steps, one full-batch step per epoch in turn:
+    Phase 2 alternates the paper's three steps, one step per epoch in turn:
     L_SS + gamma_c L_c, L_SS + gamma_o L_o, L_SS + gamma_g L_g (an ablation drops its step),
     each followed by a discriminator update (Eq. 12). It stops when mean ID >= mean LID
-    (after min_epochs) or at max_epochs."""
+    (after min_epochs) or at max_epochs.
+    An epoch is one optimiser step. Exact path: every cell in Eqs. (3), (7), (10) and all n^2
+    pairs in Eq. (2). Sampled path (config.losses, by default above batch_size cells): a random
+    batch of batch_size cells and |E| uniform pairs (_sampler), unbiased estimates of the same
+    losses at a cost linear in n; the number of steps does not grow with n, so the passes over
+    the data fall as batch_size / n (the shape of scvi-tools' rule). Both paths encode every
+    cell exactly (Eq. 1) and compute targets, reliable sets and ID/LID on all of them."""
     config = config or Config()
     _check_config(config)
     if start is not None:
@@ -657,6 +726,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
         "edges": torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long, device=device),
     }
     n, n_genes = prepared.x.shape
+    sample = _sampler(n, data["edges"].shape[1], config, device)
     model = _Model(n_genes, config).to(device)
     history = []
 
@@ -670,7 +740,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     # --- phase 1: self-supervision (L_SS, Eq. 4)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)
     for epoch in range(1, config.pretrain_epochs + 1):
-        _, _, l_x, l_a = _self_supervision(model, data, config)
+        _, _, l_x, l_a = _self_supervision(model, data, config, *sample())
         _step(optimizer, config.w_x * l_x + config.w_a * l_a)
         if epoch % config.eval_every == 0 or epoch == config.pretrain_epochs:
             z = _codes(model, data)
@@ -712,16 +782,18 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
                 q_c, reliable_c = target_distribution(p_c, beta_c)
                 q_o, reliable_o = target_distribution(soft_assign(z, phi_o), beta_o)
                 members = _members(p_c, reliable_c, n_clusters)
-        z, rate, l_x, l_a = _self_supervision(model, data, config)
+        cells, pairs = sample()
+        z, rate, l_x, l_a = _self_supervision(model, data, config, cells, pairs)
+        rate = rate if cells is None else None  # _adversarial needs the rate of every cell
         l_ss = config.w_x * l_x + config.w_a * l_a
         losses.update(L_X=l_x.item(), L_A=l_a.item())
         step = steps[(epoch - 1) % len(steps)]
         if step == "c":
-            l_c = kl_divergence(q_c, soft_assign(z, phi_c))
+            l_c = kl_divergence(_rows(q_c, cells), soft_assign(_rows(z, cells), phi_c))
             _step(opt_c, l_ss + config.gamma_c * l_c)
             losses["L_c"] = l_c.item()
         elif step == "o":
-            l_o = kl_divergence(q_o, soft_assign(z, phi_o))
+            l_o = kl_divergence(_rows(q_o, cells), soft_assign(_rows(z, cells), phi_o))
             _step(opt_o, l_ss + config.gamma_o * l_o)
             losses["L_o"] = l_o.item()
         else:
@@ -982,7 +1054,8 @@ def _check_config(config):
     (a beta_c of 1.5, say, would leave every cell unreliable and phase 2 idle)."""
     ranges = [  # (fields, the range in words, test of a value)
         (("n_top_genes", "n_neighbors", "n_pcs", "hidden", "latent", "disc_hidden",
-          "pretrain_epochs", "update_every", "n_cvx", "max_epochs", "eval_every", "block"),
+          "pretrain_epochs", "update_every", "n_cvx", "max_epochs", "eval_every", "block",
+          "batch_size"),
          "at least 1", lambda v: v >= 1),
         (("n_over", "m_cvx"), "at least 2", lambda v: v >= 2),
         (("min_epochs",), "at least 0", lambda v: v >= 0),
@@ -995,6 +1068,7 @@ def _check_config(config):
         (("beta_c", "beta_o"), 'in [0, 1) or "auto"', lambda v: v == "auto" or 0 <= v < 1),
         (("decoder",), "widths of at least 1", lambda v: all(w >= 1 for w in v)),
         (("init",), "spectral, kmeans or merge", lambda v: v in ("spectral", "kmeans", "merge")),
+        (("losses",), "exact, sampled or auto", lambda v: v in ("exact", "sampled", "auto")),
         (("seed",), "in [0, 2^32)", lambda v: 0 <= v < 2**32),
         (("device",), "cpu, cuda or cuda:N", lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v)),
     ]

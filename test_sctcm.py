@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from scipy import stats
+from scipy.spatial import cKDTree
 
 import datasets
 import geometry
@@ -334,6 +335,38 @@ def test_knn_graph_on_top_pcs():
     u, s, _ = np.linalg.svd(wide - wide.mean(0), full_matrices=False)
     np.testing.assert_array_equal(datasets.knn_graph(wide, k=3, n_pcs=4).toarray(),
                                   _brute_force_graph(u[:, :4] * s[:4], 3))
+
+
+def _gaussian_mixture(n, dim, centres, seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(centres, dim))[rng.integers(centres, size=n)] * 3 + rng.normal(size=(n, dim))
+
+
+def test_approximate_neighbours_find_most_true_neighbours():
+    x = _gaussian_mixture(3000, 12, 5, 0)
+    _, exact = cKDTree(x).query(x, k=10)
+    got = datasets.approximate_neighbours(x, 10, n_trees=4, leaf_size=200)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got)])
+    assert recall > 0.9
+    assert (got[:, 0] == np.arange(3000)).mean() > 0.99  # itself first
+    assert all(len(set(row)) == 10 for row in got)
+    lone = datasets.approximate_neighbours(x, 10, n_trees=1, leaf_size=200)
+    lone_recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, lone)])
+    assert lone_recall < recall  # more trees find more
+
+
+def test_knn_graph_switches_to_the_approximate_search_above_its_size(monkeypatch):
+    x = _gaussian_mixture(1200, 8, 4, 1)
+    exact = datasets.knn_graph(x, k=8, n_pcs=8, exact=True)
+    monkeypatch.setattr(datasets, "EXACT_KNN_CELLS", 1000)
+    calls = []
+    search = datasets.approximate_neighbours
+    monkeypatch.setattr(datasets, "approximate_neighbours",
+                        lambda *args: calls.append(1) or search(*args, leaf_size=100))
+    approximate = datasets.knn_graph(x, k=8, n_pcs=8)
+    assert calls == [1]
+    assert (approximate != approximate.T).nnz == 0 and approximate.diagonal().sum() == 0
+    assert approximate.multiply(exact).sum() / exact.sum() > 0.9
 
 
 def test_knn_graph_duplicates_no_self_loops():
@@ -748,6 +781,96 @@ def test_structure_loss_matches_dense_weighted_bce():
     got.backward()
     assert torch.allclose(got, expected, rtol=1e-10)
     assert torch.allclose(z2.grad, z1.grad, rtol=1e-8, atol=1e-12)
+
+
+def _structure_problem(n=60, p=0.1, d=4, seed=1):
+    a = _random_graph(n, p, seed)
+    coo = a.tocoo()
+    edges = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
+    z = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return z, edges
+
+
+def _loss_and_grad(z, edges, pairs=None):
+    z = z.clone().requires_grad_()
+    loss = sctcm.structure_loss(z, edges, pairs=pairs)
+    loss.backward()
+    return loss.item(), z.grad
+
+
+def test_structure_loss_over_every_pair_once_is_the_exact_loss():
+    z, edges = _structure_problem()
+    every = torch.cartesian_prod(torch.arange(60), torch.arange(60)).T
+    exact, exact_grad = _loss_and_grad(z, edges)
+    listed, listed_grad = _loss_and_grad(z, edges, every)
+    assert listed == pytest.approx(exact, rel=1e-12)
+    assert torch.allclose(listed_grad, exact_grad, rtol=1e-9, atol=1e-12)
+
+
+def _sampled_structure(z, edges, pairs_per_cell, draws):
+    """Loss and gradient of `draws` independent pair samples from the sampler fit uses."""
+    n = len(z)
+    config = sctcm.Config(losses="sampled", batch_size=n)
+    sample = sctcm._sampler(n, pairs_per_cell * n, config, "cpu")
+    results = [_loss_and_grad(z, edges, sample()[1]) for _ in range(draws)]
+    return np.array([r[0] for r in results]), torch.stack([r[1] for r in results])
+
+
+def test_sampled_structure_loss_is_unbiased_and_its_spread_shrinks_with_the_sample():
+    z, edges = _structure_problem()
+    exact, exact_grad = _loss_and_grad(z, edges)
+    small, small_grads = _sampled_structure(z, edges, 2, 2000)
+    large, _ = _sampled_structure(z, edges, 8, 500)
+    assert small.std() > 0
+    # equal in expectation: the mean of the draws within 4 standard errors of the exact value
+    assert abs(small.mean() - exact) < 4 * small.std() / np.sqrt(len(small))
+    assert abs(large.mean() - exact) < 4 * large.std() / np.sqrt(len(large))
+    mean_grad, se_grad = small_grads.mean(0), small_grads.std(0) / np.sqrt(len(small_grads))
+    assert ((mean_grad - exact_grad).abs() <= 4 * se_grad + 1e-12).float().mean() > 0.99
+    # 4 times the pairs: half the standard deviation
+    assert 1.6 < small.std() / large.std() < 2.4
+
+
+def test_sampler_draws_a_batch_of_distinct_cells_and_every_cell_as_often_as_a_first_end():
+    config = sctcm.Config(losses="auto", batch_size=40, seed=3)
+    cells, pairs = sctcm._sampler(100, 700, config, "cpu")()
+    assert len(cells) == 40 and len(set(cells.tolist())) == 40 and cells.max() < 100
+    assert np.bincount(pairs[0].numpy()).tolist() == [7] * 100
+    assert pairs[1].min() >= 0 and pairs[1].max() < 100 and len(set(pairs[1].tolist())) > 80
+    assert sctcm._sampler(40, 700, config, "cpu")() == (None, None)  # n <= batch_size: exact
+    forced = dataclasses.replace(config, losses="exact")
+    assert sctcm._sampler(100, 700, forced, "cpu")() == (None, None)
+    assert sctcm._sampled(dataclasses.replace(config, losses="sampled"), 40)
+
+
+def test_sampled_epoch_scores_zinb_on_its_batch_only():
+    n, g = 30, 5
+    rng = np.random.default_rng(0)
+    data = {"x": torch.randn(n, g), "counts": torch.as_tensor(rng.poisson(2.0, (n, g)),
+                                                              dtype=torch.float32),
+            "size_factors": torch.as_tensor(rng.uniform(0.5, 2, (n, 1)), dtype=torch.float32),
+            "a_norm": sctcm.normalized_adjacency(_random_graph(n, 0.2, 0))}
+    data["lgamma_x1"] = torch.lgamma(data["counts"] + 1)
+    coo = _random_graph(n, 0.2, 0).tocoo()
+    data["edges"] = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
+    config = sctcm.Config(hidden=8, latent=3, decoder=(8,), dropout=0.0)
+    model = sctcm._Model(g, config)
+    cells = torch.tensor([4, 17, 2, 29])
+    z, rate, l_x, _ = sctcm._self_supervision(model, data, config, cells)
+    pi, mu, theta = model.features(model.encoder(data["x"], data["a_norm"])[cells])
+    expected = zinb_nll(data["counts"][cells], mu * data["size_factors"][cells], theta, pi)
+    assert z.shape == (n, 3) and rate.shape == (4, g)
+    assert l_x.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_encoder_gradient_is_the_dense_transpose_product():
+    a = _random_graph(25, 0.2, 5)
+    a_norm = sctcm.normalized_adjacency(a)
+    dense = a_norm.to_dense()
+    h = torch.randn(25, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    weights = torch.randn(25, 4, generator=torch.Generator().manual_seed(2))
+    (sctcm._Propagate.apply(a_norm, h) * weights).sum().backward()
+    assert torch.allclose(h.grad, dense.T @ weights, atol=1e-6)
 
 
 def test_soft_assign_matches_student_t_loop():
@@ -1837,7 +1960,8 @@ BAD_SETTINGS = [  # one value outside the stated range of each Config field that
     ("gamma_c", "-0.5"), ("gamma_o", "nan"), ("gamma_g", "-1"), ("n_over", "1"), ("init", "random"),
     ("resolution", "0"), ("beta_c", "1.5"), ("beta_o", "-0.1"), ("reliable_frac", "0"),
     ("update_every", "0"), ("m_cvx", "1"), ("n_cvx", "0"), ("min_epochs", "-1"),
-    ("max_epochs", "0"), ("eval_every", "0"), ("block", "0"), ("seed", "-1"), ("device", "gpu"),
+    ("max_epochs", "0"), ("eval_every", "0"), ("block", "0"), ("losses", "all"),
+    ("batch_size", "0"), ("seed", "-1"), ("device", "gpu"),
 ]
 
 
