@@ -1765,8 +1765,8 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
     runs = tmp_path / "rep" / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["a", "b"]
     assert sorted(p.name for p in (runs / "a").iterdir()) == [
-        "full", "neither", "no-adversarial", "no-overclustering", "paper-start"]
-    assert sorted(p.name for p in (runs / "b").iterdir()) == ["full", "paper-start"]
+        "exact-losses", "full", "neither", "no-adversarial", "no-overclustering", "paper-start"]
+    assert sorted(p.name for p in (runs / "b").iterdir()) == ["exact-losses", "full", "paper-start"]
 
     summary = runs / "a" / "full" / "seed0" / "summary.json"
     before = summary.stat().st_mtime_ns
@@ -1782,6 +1782,10 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
     assert paper["config"]["init"] == "spectral"
     assert (_row(results, "| | scTCM, `--init spectral` | 1 |")[5]
             == f"{paper['metrics']['ari']:.3f} ± 0.000")
+    exact = json.loads((runs / "a" / "exact-losses" / "seed0" / "summary.json").read_text())
+    assert exact["config"]["losses"] == "exact"
+    assert (_row(results, "| | scTCM, `--losses exact` | 1 |")[5]
+            == f"{exact['metrics']['ari']:.3f} ± 0.000")
     assert _row(results, "| | k-means, 50 PCs |")[2] == "1"
     assert _row(results, "| | k-means, 50 PCs, 100 restarts |")[2] == "1"
     prepared = datasets.preprocess(datasets.load(data / "a.h5"))
@@ -1825,10 +1829,12 @@ def test_reproduce_datasets_runs_only_the_files_named(tmp_path):
     assert len(unknown.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "rep").exists()
     only_b = _reproduce(str(data), "--datasets", "b", "--seeds", "1", "--out", "rep", "--ablate",
-                        "--figure", "--sctcm-args", QUICK, cwd=tmp_path)
+                        "--figure", "--variants", "sampled losses", "--sctcm-args", QUICK,
+                        cwd=tmp_path)
     assert only_b.returncode == 0, only_b.stderr
     assert [p.name for p in (tmp_path / "rep" / "runs").iterdir()] == ["b"]
-    assert "| b (K=3) | scTCM | 1 |" in (tmp_path / "rep" / "results.md").read_text()
+    assert [p.name for p in (tmp_path / "rep" / "runs" / "b").iterdir()] == ["sampled-losses"]
+    assert "| b (K=3) | scTCM, `--losses sampled` | 1 |" in (tmp_path / "rep" / "results.md").read_text()
 
 
 # ---------------------------------------------------------------- bad files, bad settings, missing labels
