@@ -547,6 +547,22 @@ def _check_start(start, n, n_clusters):
     return start
 
 
+def _tensors(prepared, adjacency, device):
+    """What every epoch reads, as tensors on the device: encoder input x, counts, lgamma(counts
+    + 1) (computed once), size factors, A_n of Eq. (1) and the edges of A (both directions)."""
+    coo = sp.coo_matrix(adjacency)
+    counts = torch.as_tensor(prepared.counts, dtype=torch.float32, device=device)
+    return {
+        "x": torch.as_tensor(prepared.x, dtype=torch.float32, device=device),
+        "counts": counts,
+        "lgamma_x1": torch.lgamma(counts + 1),
+        "size_factors": torch.as_tensor(prepared.size_factors, dtype=torch.float32,
+                                        device=device)[:, None],
+        "a_norm": normalized_adjacency(adjacency).to(device),
+        "edges": torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long, device=device),
+    }
+
+
 def _sampled(config, n):
     """Whether a run of n cells estimates its losses from samples (Config.losses)."""
     return config.losses == "sampled" or (config.losses == "auto" and n > config.batch_size)
@@ -576,11 +592,17 @@ def _self_supervision(model, data, config, cells=None, pairs=None):
     """One forward pass: Z of every cell (the GCN of Eq. 1 is exact), the decoded rate of
     `cells`, L_X (Eq. 3, mean over those cells) and L_A (Eq. 2, exact or from `pairs`)."""
     z = model.encoder(data["x"], data["a_norm"])
+    rate, l_x = _feature_loss(model, data, z, cells)
+    l_a = structure_loss(z, data["edges"], config.block, pairs)
+    return z, rate, l_x, l_a
+
+
+def _feature_loss(model, data, z, cells):
+    """The decoded rate of `cells` (all when None) and their L_X (Eq. 3, mean per entry)."""
     pi, rate, theta = model.features(_rows(z, cells))
     l_x = zinb_nll(_rows(data["counts"], cells), rate * _rows(data["size_factors"], cells), theta,
                    pi, lgamma_x1=_rows(data["lgamma_x1"], cells))
-    l_a = structure_loss(z, data["edges"], config.block, pairs)
-    return z, rate, l_x, l_a
+    return rate, l_x
 
 
 def _step(optimizer, loss):
@@ -714,17 +736,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
     y = prepared.labels
-    coo = sp.coo_matrix(adjacency)
-    counts = torch.as_tensor(prepared.counts, dtype=torch.float32, device=device)
-    data = {
-        "x": torch.as_tensor(prepared.x, dtype=torch.float32, device=device),
-        "counts": counts,
-        "lgamma_x1": torch.lgamma(counts + 1),  # depends on the counts only: computed once
-        "size_factors": torch.as_tensor(prepared.size_factors, dtype=torch.float32,
-                                        device=device)[:, None],
-        "a_norm": normalized_adjacency(adjacency).to(device),
-        "edges": torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long, device=device),
-    }
+    data = _tensors(prepared, adjacency, device)
     n, n_genes = prepared.x.shape
     sample = _sampler(n, data["edges"].shape[1], config, device)
     model = _Model(n_genes, config).to(device)
@@ -1181,6 +1193,66 @@ def main(argv=None):
     print(f"wrote {out}/: " + " ".join(["labels.csv", "embedding.csv", "history.csv",
                                         "summary.json", *pictures]))
     return 0
+
+
+def _benchmark(path, n_clusters, repeats=3, **config):
+    """Where an epoch's time goes on the count matrix at path, with the defaults (or config):
+    seconds of forward + backward of the encoder (Eq. 1), the feature head with the ZINB loss
+    (Eq. 3), the structure loss (Eq. 2) and the clustering loss (Eqs. 5-7) on the cells and pairs
+    of one epoch; a phase-1 evaluation (codes, k-means with 3 restarts, ID/LID, scores) divided
+    by eval_every; and a whole phase-1 epoch (forward, backward, Adam step)."""
+    config = Config(**config)
+    torch.manual_seed(config.seed)
+    prepared, adjacency = _prepare(datasets.load(path), n_clusters, config)
+    data = _tensors(prepared, adjacency, torch.device(config.device))
+    n = len(prepared.x)
+    sample = _sampler(n, data["edges"].shape[1], config, config.device)
+    model = _Model(prepared.x.shape[1], config).to(config.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)
+    z = _codes(model, data)
+    phi = z[torch.randperm(n)[:n_clusters]]
+    q, _ = target_distribution(soft_assign(z, phi), 0.1)
+
+    def backward(loss_of_codes):
+        loss_of_codes(z.clone().requires_grad_()).backward()
+
+    def clustering(codes):
+        cells = sample()[0]
+        return kl_divergence(_rows(q, cells), soft_assign(_rows(codes, cells), phi))
+
+    def evaluation():
+        codes = _codes(model, data).cpu().numpy()
+        km = kmeans(codes, n_clusters, seed=config.seed, n_init=3)[0]
+        geometry.cluster_geometry(codes, km)
+        if prepared.labels is not None:
+            ari(prepared.labels, km)
+            centroid_ari(prepared.labels, codes)
+
+    def epoch():
+        _, _, l_x, l_a = _self_supervision(model, data, config, *sample())
+        _step(optimizer, config.w_x * l_x + config.w_a * l_a)
+
+    parts = {
+        "encoder": lambda: model.encoder(data["x"], data["a_norm"]).sum().backward(),
+        "ZINB": lambda: backward(lambda c: _feature_loss(model, data, c, sample()[0])[1]),
+        "structure": lambda: backward(
+            lambda c: structure_loss(c, data["edges"], config.block, sample()[1])),
+        "clustering": lambda: backward(clustering),
+        "evaluation": evaluation,
+        "phase-1 epoch": epoch,
+    }
+    seconds = {}
+    for name, part in parts.items():
+        part()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            part()
+        seconds[name] = (time.perf_counter() - start) / repeats
+    seconds["evaluation"] /= config.eval_every
+    losses = "sampled" if _sampled(config, n) else "exact"
+    print(f"{n} cells, {losses} losses | "
+          + " | ".join(f"{name} {value:.3f} s" for name, value in seconds.items()))
+    return seconds
 
 
 def _peak_memory_mb():

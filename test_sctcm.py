@@ -873,6 +873,16 @@ def test_encoder_gradient_is_the_dense_transpose_product():
     assert torch.allclose(h.grad, dense.T @ weights, atol=1e-6)
 
 
+def test_epoch_benchmark_times_every_part(tmp_path, capsys):
+    ds = datasets.synthetic(n_cells=300, n_genes=80, n_clusters=3)
+    _write(tmp_path / "toy.h5", X=np.asarray(ds.counts), Y=ds.labels)
+    seconds = sctcm._benchmark(tmp_path / "toy.h5", 3, repeats=1, batch_size=100, latent=4)
+    assert list(seconds) == ["encoder", "ZINB", "structure", "clustering", "evaluation",
+                             "phase-1 epoch"]
+    assert all(v > 0 for v in seconds.values())
+    assert capsys.readouterr().out.startswith("300 cells, sampled losses | encoder ")
+
+
 def test_soft_assign_matches_student_t_loop():
     rng = np.random.default_rng(2)
     z, centers = rng.normal(size=(20, 3)), rng.normal(size=(4, 3))
@@ -1426,6 +1436,22 @@ def test_training_lowers_the_losses_and_improves_the_codes():
     assert trained.metrics["ari"] > 0.95
     structure_only = run(pretrain_epochs=20, eval_every=20, w_x=0.0, max_epochs=1, min_epochs=1)
     assert structure_only.history[0]["L_A"] < 0.75 * untrained["L_A"]
+
+
+def test_sampled_losses_train_on_batches_and_cluster_as_well(monkeypatch):
+    """losses="sampled" on 300 cells in batches of 100: the clustering steps see 100 cells each,
+    the ZINB term too, and the run clusters as the exact one does."""
+    prepared, adjacency = _tiny_problem()
+    rows, kl, nll = [], sctcm.kl_divergence, sctcm.zinb_nll
+    monkeypatch.setattr(sctcm, "kl_divergence", lambda q, p, *args, **kw:
+                        rows.append(("kl", len(q))) or kl(q, p, *args, **kw))
+    monkeypatch.setattr(sctcm, "zinb_nll", lambda x, *args, **kw:
+                        rows.append(("zinb", len(x))) or nll(x, *args, **kw))
+    config = _tiny_config(pretrain_epochs=40, eval_every=10, max_epochs=6, min_epochs=6,
+                          losses="sampled", batch_size=100)
+    sampled = sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None)
+    assert {size for _, size in rows} == {100} and len(rows) == 46 + 4  # 46 epochs, 4 KL steps
+    assert sampled.metrics["ari"] > 0.95
 
 
 def test_fit_starts_phase_2_from_a_given_partition():
