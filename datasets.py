@@ -657,7 +657,7 @@ def _rp_leaves(x, leaf_size, rng):
 
 def _leaf_neighbours(x, leaf, k):
     """(leaf, (len(leaf), k) nearest members of the leaf of each member, padded by repeats)."""
-    d = _sq_distances(x[leaf], x[leaf])
+    d = squared_distances(x[leaf], x[leaf])
     near = np.argsort(d, axis=1)[:, :k] if len(leaf) > k else np.argsort(d, axis=1)
     near = np.pad(near, ((0, 0), (0, k - near.shape[1])), mode="edge")
     return leaf, leaf[near]
@@ -675,8 +675,9 @@ def _nearest(x, candidates, k, block=4096):
     return out
 
 
-def _sq_distances(a, b):
-    """(len(a), len(b)) squared Euclidean distances, clipped at 0 against round-off."""
+def squared_distances(a, b):
+    """(len(a), len(b)) squared Euclidean distances between the rows of a and b, clipped at 0
+    against round-off (also sctcm's k-means)."""
     return np.maximum((a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None], 0)
 
 

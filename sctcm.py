@@ -83,7 +83,7 @@ class Config:
     eval_every: int = 10           # epochs between ID/LID evaluations and log lines (>= 1)
     block: int = 1024              # rows of the n x n logits of Eq. (2) alive at a time (>= 1)
     losses: str = "auto"           # "exact", "sampled" or "auto" (sampled above batch_size cells)
-    batch_size: int = 2048         # cells per epoch of Eqs. (3), (7), (10) when losses are sampled (>= 1)
+    batch_size: int = 2048         # cells per epoch in Eqs. (3), (7), (10), sampled losses (>= 1)
     adversarial: bool = True       # Eqs. (11)-(13); False is the "no adversarial" ablation
     overclustering: bool = True    # Eqs. (8)-(10); False is the "no overclustering" ablation
     seed: int = 0                  # seeds numpy and torch once, at the start of fit, in [0, 2^32)
@@ -348,14 +348,14 @@ def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
     for _ in range(n_init):
         centers = _kmeans_pp(x, k, rng)
         for _ in range(max_iter):
-            dist = _sq_dist(x, centers)
+            dist = datasets.squared_distances(x, centers)
             labels = dist.argmin(1)
             new = _cluster_means(x, labels, centers)
             shift = np.sum((new - centers) ** 2)
             centers = new
             if shift <= tol * np.mean(np.var(x, 0)):
                 break
-        dist = _sq_dist(x, centers)
+        dist = datasets.squared_distances(x, centers)
         labels, inertia = dist.argmin(1), dist.min(1).sum()
         if inertia < best[0]:
             best = (inertia, labels, centers)
@@ -370,18 +370,12 @@ def _cluster_means(x, labels, centers):
     return np.where(sizes > 0, member @ x / np.maximum(sizes, 1), centers)
 
 
-def _sq_dist(x, centers):
-    """Squared Euclidean distances (n, k), clipped at 0 against round-off."""
-    d = (x ** 2).sum(1)[:, None] - 2 * x @ centers.T + (centers ** 2).sum(1)[None]
-    return np.maximum(d, 0)
-
-
 def _kmeans_pp(x, k, rng):
     """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, as scikit-learn seeds): each next
     centre is the best, by the inertia it leaves, of 2 + ln k candidates drawn with probability
     proportional to D(x)^2. Plain k-means++ (one candidate) lands in poor minima more often."""
     centers = [x[rng.integers(len(x))]]
-    closest = _sq_dist(x, centers[0][None])[:, 0]
+    closest = datasets.squared_distances(x, centers[0][None])[:, 0]
     n_trials = 2 + int(np.log(k))
     for _ in range(1, k):
         total = closest.sum()
@@ -389,7 +383,7 @@ def _kmeans_pp(x, k, rng):
             candidates = rng.choice(len(x), n_trials, p=closest / total)
         else:
             candidates = rng.integers(len(x), size=n_trials)
-        after = np.minimum(closest, _sq_dist(x, x[candidates]).T)  # (n_trials, n)
+        after = np.minimum(closest, datasets.squared_distances(x, x[candidates]).T)  # (n_trials, n)
         best = after.sum(1).argmin()
         centers.append(x[candidates[best]])
         closest = after[best]
@@ -511,7 +505,7 @@ def centroid_ari(y, z):
     y, z = np.asarray(y)[keep], np.asarray(z, dtype=np.float64)[keep]
     types = np.unique(y)
     centres = np.stack([z[y == t].mean(0) for t in types])
-    return ari(y, types[_sq_dist(z, centres).argmin(1)])
+    return ari(y, types[datasets.squared_distances(z, centres).argmin(1)])
 
 
 # ---------------------------------------------------------------- training
