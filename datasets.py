@@ -602,8 +602,8 @@ def knn_graph(x, k=15, n_pcs=50, exact=None):
     x: (n, g) cells; Euclidean distances on the top n_pcs principal components (all of them when
     n_pcs >= min(n, g)); union of the two directions; no self loops. Neighbours are exact (a k-d
     tree) when `exact`, approximate (approximate_neighbours) otherwise; None picks exact up to
-    EXACT_KNN_CELLS cells: in 50 dimensions a k-d tree degrades to a near n^2 search (110 s for
-    100,000 synthetic cells on 2 cores; the approximate search takes 25 s there and finds 95% of
+    EXACT_KNN_CELLS cells: in 50 dimensions a k-d tree degrades to a near n^2 search (114 s for
+    100,000 synthetic cells on 2 cores; the approximate search takes 32 s there and finds 94% of
     the true neighbours). -> (n, n) scipy.sparse.csr_matrix, float32."""
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
