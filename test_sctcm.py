@@ -712,6 +712,18 @@ def test_pca_lid_is_a_count_and_drops_constant_coordinates():
     assert pca_lid(np.full((10, 3), 0.1)) == 0
 
 
+def test_cluster_geometry_measures_a_large_cluster_on_a_random_subset():
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(6000, 3)) @ rng.normal(size=(3, 8))  # a 3-d Gaussian in R^8
+    labels = np.zeros(6000, dtype=int)
+    subset = np.sort(np.random.default_rng(0).choice(6000, 1000, replace=False))
+    capped = cluster_geometry(z, labels, max_size=1000)
+    assert capped == (twonn_id(z[subset]), pca_lid(z[subset]))
+    assert capped != cluster_geometry(z, labels, max_size=6000)
+    assert cluster_geometry(z, labels, max_size=6000) == (twonn_id(z), pca_lid(z))
+    assert abs(capped[0] - 3) < 0.3 and capped[1] == 3
+
+
 def test_cluster_geometry_averages_the_large_clusters():
     rng = np.random.default_rng(5)
     plane = np.zeros((800, 15))
