@@ -2,7 +2,7 @@
 
     file -> load() -> Dataset -> preprocess() -> Prepared -> knn_graph(Prepared.x) -> A (sctcm.fit)
 
-load() detects five layouts (DESIGN.md):
+load() detects five layouts:
   (a) HDF5 with X (counts, dense or a CSR group) and Y (labels): the scDeepCluster/scDCC files;
   (b) HDF5 with exprs (dense or CSR group), obs/cell_type1, obs_names, var_names: the files of the
       scTCM paper (scziDesk's layout);
@@ -36,6 +36,8 @@ import scipy.io
 import scipy.linalg
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
+
+from clustering import squared_distances
 
 LABEL_KEYS = ("cell_type", "celltype", "cell_type1", "CellType", "cell_types", "labels", "label")
 BLOCK_ENTRIES = 1 << 22  # a dense matrix is read this many entries at a time and kept as CSR
@@ -105,6 +107,26 @@ def load(path, label_key=None):
     else:
         raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad, a 10x folder, or .csv/.tsv)")
     return _assemble(path, *parts)
+
+
+def from_counts(counts, labels=None, name="counts"):
+    """A Dataset from counts in memory (sctcm.cluster's input): counts (n, g) raw counts, cells x
+    genes, a numpy array or scipy sparse matrix; labels: optional (n,) labels of the rows
+    (missing: -1, NaN, "", "NA"), encoded as load() encodes a file's. The counts themselves are
+    checked by preprocess(). Bad input raises a one-line ValueError."""
+    x = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+    if x.ndim != 2 or x.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected a numeric matrix, cells x genes, got {x.dtype} "
+                         f"of shape {x.shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != x.shape[0]:
+            raise ValueError(f"{name}: {len(labels)} labels for {x.shape[0]} cells x "
+                             f"{x.shape[1]} genes")
+        if labels.dtype.kind == "O":  # a pandas column: strings, NaN where a label is missing
+            labels = labels.astype(str)
+    codes, names = _encode_labels(labels, None)
+    return Dataset(counts=x, labels=codes, label_names=names, name=name)
 
 
 @contextmanager
@@ -552,11 +574,11 @@ def _seurat_hvg(mean, var, n_top):
     """Indices (ascending) of the n_top genes of highest normalised dispersion; all when g <= n_top."""
     if n_top >= len(mean):
         return np.arange(len(mean))
-    z = _normalised_dispersion(mean, var)
+    z = normalised_dispersion(mean, var)
     return np.sort(np.argsort(-z, kind="stable")[:n_top])
 
 
-def _normalised_dispersion(mean, var, n_bins=20):
+def normalised_dispersion(mean, var, n_bins=20):
     """Seurat's normalised dispersion (Satija et al. 2015; scanpy flavor="seurat").
 
     mean, var: (g,) of the normalised (not log) counts. Dispersion d = log(var / mean); genes are
@@ -673,12 +695,6 @@ def _nearest(x, candidates, k, block=4096):
         nearest = np.argsort(d, axis=1, kind="stable")[:, :k]
         out[start:start + block] = np.take_along_axis(cand, nearest, axis=1)
     return out
-
-
-def squared_distances(a, b):
-    """(len(a), len(b)) squared Euclidean distances between the rows of a and b, clipped at 0
-    against round-off (also sctcm's k-means)."""
-    return np.maximum((a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None], 0)
 
 
 def pca(x, n_pcs=50):

@@ -11,6 +11,9 @@ A run whose folder exists is not repeated, so an interrupted reproduction resume
 stopped. K is the number of labels of each file, as in the paper. Then OUT/results.md gets
 the tables, OUT/fig2_<dataset>.csv the ID and LID curves, and OUT/fig2_<dataset>.png a plot
 when matplotlib happens to be installed.
+
+benchmark() times the parts of one epoch on a file (README, "Many cells"):
+    python -c "import reproduce; reproduce.benchmark('synthetic_100k.h5', 6)"
 """
 import argparse
 import csv
@@ -18,12 +21,17 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import datasets
-from sctcm import Config, centroid_ari, kmeans, plot_fig2, scores, spectral_clustering
+import geometry
+import sctcm
+from clustering import ari, centroid_ari, kmeans, scores, spectral_clustering
+from plots import plot_fig2
 
 SCTCM = Path(__file__).resolve().with_name("sctcm.py")
 VARIANTS = {  # the runs and the flags that make them
@@ -99,7 +107,7 @@ def references(dataset, k, seeds, codes):
     partition the paper's phase 2 starts from. Last, a diagnostic that reads the labels: the
     centroid_ari of scTCM's final codes `codes` (one array per finished run), how well they
     separate the types once the types' centres are known. -> {row name: [scores per seed]}."""
-    config = Config()
+    config = sctcm.Config()
     prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
     pcs = datasets.pca(prepared.x, config.n_pcs)
     graph = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
@@ -218,6 +226,63 @@ def fig2(out, stem, seed):
     return path
 
 
+def benchmark(path, n_clusters, repeats=3, **config):
+    """Where an epoch's time goes (README, "Many cells") on the count matrix at path, with the defaults (or config):
+    seconds of forward + backward of the encoder (Eq. 1), the feature head with the ZINB loss
+    (Eq. 3), the structure loss (Eq. 2) and the clustering loss (Eqs. 5-7) on the Batch of one
+    epoch; a phase-1 evaluation (codes, k-means with 3 restarts, ID/LID, scores) divided by
+    eval_every; and a whole phase-1 epoch (forward, backward, Adam step)."""
+    config = sctcm.Config(**config)
+    prepared, adjacency = sctcm.prepare(datasets.load(path), n_clusters, config)
+    data, sampler, model = sctcm.setup(prepared, adjacency, config)
+    n = len(prepared.x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)
+    z = sctcm.codes(model, data)
+    phi = z[torch.randperm(n)[:n_clusters]]
+    q, _ = sctcm.target_distribution(sctcm.soft_assign(z, phi), 0.1)
+
+    def backward(loss_of_codes):
+        loss_of_codes(z.clone().requires_grad_()).backward()
+
+    def clustering_loss(codes):
+        batch = sampler()
+        return sctcm.kl_divergence(batch.rows(q), sctcm.soft_assign(batch.rows(codes), phi))
+
+    def evaluation():
+        codes = sctcm.codes(model, data).cpu().numpy()
+        km = kmeans(codes, n_clusters, seed=config.seed, n_init=3)[0]
+        geometry.cluster_geometry(codes, km)
+        if prepared.labels is not None:
+            ari(prepared.labels, km)
+            centroid_ari(prepared.labels, codes)
+
+    def epoch():
+        out = sctcm.self_supervision(model, data, sampler(), config.block)
+        sctcm.optimise(optimizer, config.w_x * out.l_x + config.w_a * out.l_a)
+
+    parts = {
+        "encoder": lambda: model.encoder(data["x"], data["a_norm"]).sum().backward(),
+        "ZINB": lambda: backward(lambda c: sctcm.feature_loss(model, data, c, sampler())[1]),
+        "structure": lambda: backward(
+            lambda c: sctcm.structure_loss(c, data["edges"], config.block, sampler().pairs)),
+        "clustering": lambda: backward(clustering_loss),
+        "evaluation": evaluation,
+        "phase-1 epoch": epoch,
+    }
+    seconds = {}
+    for name, part in parts.items():
+        part()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            part()
+        seconds[name] = (time.perf_counter() - start) / repeats
+    seconds["evaluation"] /= config.eval_every
+    losses = "sampled" if sampler.sampled else "exact"
+    print(f"{n} cells, {losses} losses | "
+          + " | ".join(f"{name} {value:.3f} s" for name, value in seconds.items()))
+    return seconds
+
+
 def _parser():
     parser = argparse.ArgumentParser(description="Reproduce the paper's tables and Fig. 2.")
     parser.add_argument("folder", help="folder of labelled .h5/.h5ad count matrices "
@@ -228,10 +293,12 @@ def _parser():
                         help="run only these files of the folder (default: every labelled one)")
     parser.add_argument("--ablate", nargs="*", metavar="STEM",
                         default=["Young_top2000", "10X_PBMC_top2000", "Baron_mouse"],
-                        help="datasets that also run the three ablations of Table 2")
+                        help="datasets that also run the three ablations of Table 2 (the flag "
+                        "alone: every dataset)")
     parser.add_argument("--figure", nargs="*", metavar="STEM",
                         default=["Young_top2000", "10X_PBMC_top2000"],
-                        help="datasets whose ID/LID curves make Fig. 2")
+                        help="datasets whose ID/LID curves make Fig. 2 (the flag alone: every "
+                        "dataset)")
     parser.add_argument("--variants", nargs="+", choices=list(TABLE1), metavar="NAME",
                         default=["full", "paper start", "exact losses"],
                         help="Table 1 rows run for every dataset: " + ", ".join(TABLE1))
@@ -266,6 +333,9 @@ def main(argv=None):
     except ValueError as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 2
+    every = [stem for stem, *_ in files]
+    args.ablate = every if args.ablate == [] else args.ablate
+    args.figure = every if args.figure == [] else args.figure
     ablate = set(args.ablate) | set(args.figure)
     try:
         for seed in seeds:

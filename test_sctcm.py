@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from scipy import stats
 from scipy.spatial import cKDTree
 
+import clustering
 import datasets
 import geometry
 import reproduce
@@ -299,7 +300,7 @@ def test_normalised_dispersion_by_hand():
     # three genes in the lowest bin with log dispersions 0, 1, 2 -> z = -1, 0, 1; one alone at the top
     mean = np.array([1.0, 1.1, 1.2, 100.0])
     var = mean * np.exp([0.0, 1.0, 2.0, 0.5])
-    np.testing.assert_allclose(datasets._normalised_dispersion(mean, var), [-1, 0, 1, 1])
+    np.testing.assert_allclose(datasets.normalised_dispersion(mean, var), [-1, 0, 1, 1])
 
 
 def test_preprocess_sparse_equals_dense_and_keeps_all_genes():
@@ -459,6 +460,7 @@ def _manifest():
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", _manifest())
 def test_real_data_matches_manifest(entry):
     name, n, g, k, sizes = entry
@@ -469,6 +471,7 @@ def test_real_data_matches_manifest(entry):
     assert np.all(ds.counts.data > 0) and np.all(ds.counts.data == np.round(ds.counts.data))
 
 
+@pytest.mark.slow
 def test_real_h5ad_equals_h5():
     if not (DATA / "Baron_mouse.h5ad").exists():
         pytest.skip(f"{DATA} is absent")
@@ -740,9 +743,257 @@ def test_cluster_geometry_averages_the_large_clusters():
     assert np.isnan(cluster_geometry(z, labels, min_size=2000)).all()
 
 
+def test_twonn_drops_the_largest_ratios_as_facco_et_al():
+    """The fit through the origin of -log(1 - i/N) on log mu_(i) over the smallest 90% of the
+    ratios r2/r1 (brute-force distances): with the tail kept the slope is another number."""
+    z = np.random.default_rng(4).normal(size=(400, 3))
+    d = np.sqrt(((z[:, None] - z[None]) ** 2).sum(2))
+    np.fill_diagonal(d, np.inf)
+    r = np.sort(d, axis=1)
+    mu = np.sort(r[:, 1] / r[:, 0])
+
+    def slope(keep):
+        x, y = np.log(mu[:keep]), -np.log1p(-np.arange(1, keep + 1) / len(mu))
+        return x @ y / (x @ x)
+
+    assert twonn_id(z) == pytest.approx(slope(360), rel=1e-10)
+    assert abs(slope(360) - slope(399)) > 0.05  # dropping the tail matters
+
+
+def test_pca_lid_standardises_each_coordinate_before_the_pca():
+    """Three independent coordinates, one 100 times wider: standardised, each needs its own
+    component (LID 3); on the raw coordinates one component would hold 99.98% of the variance."""
+    z = np.random.default_rng(5).normal(size=(2000, 3)) * [100.0, 1.0, 1.0]
+    raw = np.linalg.svd(z - z.mean(0), compute_uv=False) ** 2
+    assert raw[0] / raw.sum() > 0.99
+    assert pca_lid(z) == 3
+
+
 def test_geometry_does_not_import_torch():
     source = open(geometry.__file__).read()
     assert "import torch" not in source and "from torch" not in source
+
+
+# ---------------------------------------------------------------- clustering.py
+
+def _blobs(n_per, centers, seed, scale=0.3):
+    rng = np.random.default_rng(seed)
+    x = np.vstack([c + scale * rng.normal(size=(n_per, len(c))) for c in centers])
+    return x, np.repeat(np.arange(len(centers)), n_per)
+
+
+def test_kmeans_finds_separated_blobs_and_is_a_lloyd_fixed_point():
+    x, y = _blobs(40, [[0, 0], [5, 0], [0, 5], [5, 5]], seed=6)
+    labels, centers = clustering.kmeans(x, 4, seed=0)
+    assert clustering.ari(y, labels) == 1.0
+    for j in range(4):
+        assert np.allclose(centers[j], x[labels == j].mean(0))
+    dist = ((x[:, None] - centers[None]) ** 2).sum(2)
+    assert np.array_equal(labels, dist.argmin(1))
+
+
+def test_kmeans_returns_the_restart_of_lowest_inertia(monkeypatch):
+    """Four groups at the corners of a 10 x 1 rectangle: for k = 2, left / right is the best split;
+    top / bottom is a worse Lloyd fixed point. The seeding is scripted so that only the middle of
+    three restarts starts near the best split."""
+    x, _ = _blobs(4, [[0, 0], [0, 1], [10, 0], [10, 1]], seed=2, scale=0.05)
+    split = (np.arange(1, 2 ** 15)[:, None] >> np.arange(16)) & 1  # every 2-partition of 16 points
+    size, total = split.sum(1), split @ x  # of group 1; inertia = sum |x|^2 - sum_j |sum_j|^2 / n_j
+    inertia = -(total ** 2).sum(1) / size - ((x.sum(0) - total) ** 2).sum(1) / (16 - size)
+    best = split[inertia.argmin()]
+    assert clustering.ari(best, x[:, 0] > 5) == 1.0  # left / right, by brute force
+    top_bottom, left_right = np.array([[5, 0], [5, 1.0]]), np.array([[0, 0.5], [10, 0.5]])
+    seeds = iter([top_bottom, left_right, top_bottom])
+    monkeypatch.setattr(clustering, "_kmeans_pp", lambda *args, **kwargs: next(seeds).copy())
+    labels, centers = clustering.kmeans(x, 2, n_init=3)
+    assert clustering.ari(best, labels) == 1.0
+    assert np.allclose(centers[labels], [x[labels == j].mean(0) for j in labels])
+
+
+def test_kmeans_survives_an_empty_cluster(monkeypatch):
+    x, y = _blobs(20, [[0, 0], [5, 0]], seed=1)
+    start = np.array([[100.0, 100.0], [0, 0], [5, 0]])  # centre 0 wins no point: an empty cluster
+    monkeypatch.setattr(clustering, "_kmeans_pp", lambda *args, **kwargs: start.copy())
+    labels, centers = clustering.kmeans(x, 3, n_init=1)
+    assert np.all(np.isfinite(centers)) and centers.shape == (3, 2)
+    dist = ((x[:, None] - centers[None]) ** 2).sum(2)
+    assert np.array_equal(labels, dist.argmin(1))
+    for j in np.unique(labels):  # a Lloyd fixed point whose clusters never mix the two blobs
+        assert np.allclose(centers[j], x[labels == j].mean(0))
+        assert len(np.unique(y[labels == j])) == 1
+
+
+def _lloyd_inertia(x, centers):
+    """Inertia of the Lloyd fixed point reached from the given centres (a plain loop)."""
+    for _ in range(100):
+        labels = ((x[:, None] - centers[None]) ** 2).sum(2).argmin(1)
+        centers = np.stack([x[labels == j].mean(0) for j in range(len(centers))])
+    return ((x - centers[labels]) ** 2).sum()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20))
+def test_kmeans_reaches_the_planted_centres_minimum_on_overlapping_blobs(seed):
+    """12 Gaussian centres in a 15-d box (the make_blobs recipe), sd 2.5: plain k-means++
+    seeding stops over 1% above the planted minimum on 3 of these 20 seeds in all 10 restarts."""
+    rng = np.random.default_rng(seed)
+    planted = rng.uniform(-10, 10, (12, 15))
+    x = planted[np.arange(3000) % 12] + 2.5 * rng.standard_normal((3000, 15))
+    labels, centers = clustering.kmeans(x, 12, seed=seed)
+    assert ((x - centers[labels]) ** 2).sum() <= 1.01 * _lloyd_inertia(x, planted)
+
+
+def test_spectral_clustering_recovers_a_planted_partition():
+    rng = np.random.default_rng(7)
+    y = np.repeat(np.arange(4), 50)
+    prob = np.where(y[:, None] == y[None, :], 0.3, 0.01)
+    upper = np.triu(rng.random((200, 200)) < prob, 1)
+    a = sp.csr_matrix((upper | upper.T).astype(float))
+    assert clustering.ari(y, clustering.spectral_clustering(a, 4, seed=0)) == 1.0
+
+
+def test_spectral_clustering_embeds_cells_by_the_top_eigenvectors_of_d_a_d(monkeypatch):
+    """The rows k-means sees are the top-k eigenvectors of D^-1/2 A D^-1/2, each scaled to unit
+    length: compared with a dense eigh through their Gram matrix, which does not depend on the
+    basis chosen for the eigenspace. Blocks of uneven degree tell A from D^-1/2 A D^-1/2."""
+    rng = np.random.default_rng(8)
+    y = np.repeat(np.arange(3), [20, 40, 60])
+    density = np.array([0.8, 0.3, 0.1])[y]
+    prob = np.where(y[:, None] == y[None, :], np.sqrt(np.outer(density, density)), 0.02)
+    upper = np.triu(rng.random((120, 120)) < prob, 1)
+    a = sp.csr_matrix((upper | upper.T).astype(float))
+    rows, original = [], clustering.kmeans
+    monkeypatch.setattr(clustering, "kmeans", lambda x, *args, **kwargs:
+                        rows.append(np.array(x)) or original(x, *args, **kwargs))
+    clustering.spectral_clustering(a, 3, seed=0)
+    dense = a.toarray()
+    d = dense.sum(1) ** -0.5
+    values, vectors = np.linalg.eigh(d[:, None] * dense * d[None, :])
+    assert values[-3] - values[-4] > 0.1  # an eigengap: the top-3 eigenspace is well defined
+    top = vectors[:, -3:] / np.linalg.norm(vectors[:, -3:], axis=1, keepdims=True)
+    assert len(rows) == 1
+    np.testing.assert_allclose(rows[0] @ rows[0].T, top @ top.T, atol=1e-8)
+
+
+def _pairwise_modularity(a, groups, resolution):
+    """Q = (1 / 2m) sum_ij [A_ij - resolution d_i d_j / 2m] delta(c_i, c_j), pair by pair."""
+    a = a.toarray()
+    d, two_m, q = a.sum(1), a.sum(), 0.0
+    for i, j in itertools.product(range(len(a)), repeat=2):
+        if groups[i] == groups[j]:
+            q += a[i, j] - resolution * d[i] * d[j] / two_m
+    return q / two_m
+
+
+def test_modularity_matches_the_pairwise_sum_and_two_cliques():
+    rng = np.random.default_rng(5)
+    upper = np.triu(rng.random((30, 30)) < 0.2, 1) * rng.uniform(0.5, 1.5, (30, 30))
+    a = sp.csr_matrix(upper + upper.T)
+    groups = rng.integers(0, 4, 30) * 7  # ids need not be 0..C-1
+    for resolution in (0.5, 1.0):
+        assert clustering.modularity(a, groups, resolution) == pytest.approx(
+            _pairwise_modularity(a, groups, resolution), rel=1e-12)
+    cliques = sp.block_diag([np.ones((5, 5)) - np.eye(5)] * 2).tocsr()
+    assert clustering.modularity(cliques, np.repeat([0, 1], 5)) == pytest.approx(0.5)  # 1 - 2 (1/2)^2
+
+
+def _greedy_merges(a, over, k, resolution):
+    """Merge overclusters by trying every pair and keeping the highest Q, until k are left."""
+    groups = over.copy()
+    while len(np.unique(groups)) > k:
+        merges = [np.where(groups == j, i, groups)
+                  for i, j in itertools.combinations(np.unique(groups), 2)]
+        groups = max(merges, key=lambda g: clustering.modularity(a, g, resolution))
+    return groups
+
+
+def test_merge_overclusters_takes_the_best_modularity_merge_at_each_step():
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), [60, 30, 10])
+    prob = np.where(y[:, None] == y[None, :], 0.2, 0.03)
+    upper = np.triu(rng.random((100, 100)) < prob, 1) * rng.uniform(0.5, 1.5, (100, 100))
+    a = sp.csr_matrix(upper + upper.T)
+    over = 2 * y + (rng.random(100) < 0.5) + 10  # each planted group split in two, ids not 0..5
+    expected = {r: _greedy_merges(a, over, 3, r) for r in (0.25, 1.0, 2.0)}
+    assert clustering.ari(y, expected[1.0]) == 1.0
+    assert max(clustering.ari(y, expected[r]) for r in (0.25, 2.0)) < 0.6  # the resolution matters
+    for resolution, groups in expected.items():
+        labels = clustering.merge_overclusters(a, over, 3, resolution)
+        assert sorted(np.unique(labels)) == [0, 1, 2]
+        assert clustering.ari(groups, labels) == 1.0
+    with pytest.raises(ValueError, match="cannot merge 6 overclusters into 7"):
+        clustering.merge_overclusters(a, over, 7)
+
+
+def _pairs_ari(y, pred):
+    """ARI from its definition over all pairs of cells (Hubert & Arabie 1985)."""
+    n = len(y)
+    same_y = [y[i] == y[j] for i, j in itertools.combinations(range(n), 2)]
+    same_p = [pred[i] == pred[j] for i, j in itertools.combinations(range(n), 2)]
+    a = sum(s and t for s, t in zip(same_y, same_p))
+    total = n * (n - 1) / 2
+    expected = sum(same_y) * sum(same_p) / total
+    top = (sum(same_y) + sum(same_p)) / 2
+    return (a - expected) / (top - expected)
+
+
+def _loop_nmi(y, pred):
+    n = len(y)
+    def entropy(v):
+        return -sum(c / n * np.log(c / n) for c in np.unique(v, return_counts=True)[1])
+    mi = 0.0
+    for a in set(y):
+        for b in set(pred):
+            nab = sum(1 for i in range(n) if y[i] == a and pred[i] == b)
+            if nab:
+                na, nb = sum(y == a), sum(pred == b)
+                mi += nab / n * np.log(n * nab / (na * nb))
+    return 2 * mi / (entropy(y) + entropy(pred))
+
+
+def _best_permutation_acc(y, pred):
+    k = max(y.max(), pred.max()) + 1
+    return max(np.mean(np.array(perm)[pred] == y) for perm in itertools.permutations(range(k)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, 60)
+    pred = np.where(rng.random(60) < 0.6, y, rng.integers(0, 4, 60))
+    assert clustering.ari(y, pred) == pytest.approx(_pairs_ari(y, pred), rel=1e-10)
+    assert clustering.nmi(y, pred) == pytest.approx(_loop_nmi(y, pred), rel=1e-10)
+    assert clustering.cluster_acc(y, pred) == pytest.approx(_best_permutation_acc(y, pred))
+
+
+def test_metrics_on_label_permutations_and_independence():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert clustering.ari(y, (y + 1) % 3) == 1.0
+    assert clustering.nmi(y, (y + 1) % 3) == pytest.approx(1.0)
+    assert clustering.cluster_acc(y, (y + 1) % 3) == 1.0
+    assert clustering.ari(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(-0.5)
+
+
+def test_cluster_acc_with_more_clusters_than_classes():
+    y = np.repeat([0, 1, 2], 10)
+    pred = y.copy()
+    pred[:4] = 3  # class 0 split in two clusters: only one of them can count as class 0
+    assert clustering.cluster_acc(y, pred) == pytest.approx(26 / 30)
+    rng = np.random.default_rng(4)
+    pred = np.where(rng.random(30) < 0.7, y, rng.integers(0, 5, 30))
+    assert len(np.unique(pred)) == 5
+    assert clustering.cluster_acc(y, pred) == pytest.approx(_best_permutation_acc(y, pred))
+
+
+def test_centroid_ari_is_the_nearest_type_mean_by_a_loop():
+    rng = np.random.default_rng(3)
+    y = rng.choice([2, 5, 7], 90)  # label values need not be 0..k-1
+    z = rng.normal(size=(90, 4)) + 0.8 * y[:, None]
+    types = [2, 5, 7]
+    means = {t: z[y == t].mean(0) for t in types}
+    nearest = np.array([min(types, key=lambda t: np.linalg.norm(z_i - means[t])) for z_i in z])
+    assert 0 < np.mean(nearest != y) < 0.5  # overlapping types: not every cell is its type's
+    assert clustering.centroid_ari(y, z) == pytest.approx(clustering.ari(y, nearest), rel=1e-12)
 
 
 # ---------------------------------------------------------------- sctcm.py
@@ -823,8 +1074,8 @@ def _sampled_structure(z, edges, pairs_per_cell, draws):
     """Loss and gradient of `draws` independent pair samples from the sampler fit uses."""
     n = len(z)
     config = sctcm.Config(losses="sampled", batch_size=n)
-    sample = sctcm._sampler(n, pairs_per_cell * n, config, "cpu")
-    results = [_loss_and_grad(z, edges, sample()[1]) for _ in range(draws)]
+    sample = sctcm.Sampler(n, pairs_per_cell * n, config, "cpu")
+    results = [_loss_and_grad(z, edges, sample().pairs) for _ in range(draws)]
     return np.array([r[0] for r in results]), torch.stack([r[1] for r in results])
 
 
@@ -845,14 +1096,15 @@ def test_sampled_structure_loss_is_unbiased_and_its_spread_shrinks_with_the_samp
 
 def test_sampler_draws_a_batch_of_distinct_cells_and_every_cell_as_often_as_a_first_end():
     config = sctcm.Config(losses="auto", batch_size=40, seed=3)
-    cells, pairs = sctcm._sampler(100, 700, config, "cpu")()
+    batch = sctcm.Sampler(100, 700, config, "cpu")()
+    cells, pairs = batch.cells, batch.pairs
     assert len(cells) == 40 and len(set(cells.tolist())) == 40 and cells.max() < 100
     assert np.bincount(pairs[0].numpy()).tolist() == [7] * 100
     assert pairs[1].min() >= 0 and pairs[1].max() < 100 and len(set(pairs[1].tolist())) > 80
-    assert sctcm._sampler(40, 700, config, "cpu")() == (None, None)  # n <= batch_size: exact
+    assert sctcm.Sampler(40, 700, config, "cpu")() == sctcm.Batch()  # n <= batch_size: exact
     forced = dataclasses.replace(config, losses="exact")
-    assert sctcm._sampler(100, 700, forced, "cpu")() == (None, None)
-    assert sctcm._sampled(dataclasses.replace(config, losses="sampled"), 40)
+    assert sctcm.Sampler(100, 700, forced, "cpu")() == sctcm.Batch()
+    assert sctcm.Sampler(40, 700, dataclasses.replace(config, losses="sampled"), "cpu").sampled
 
 
 def test_sampled_epoch_scores_zinb_on_its_batch_only():
@@ -866,9 +1118,10 @@ def test_sampled_epoch_scores_zinb_on_its_batch_only():
     coo = _random_graph(n, 0.2, 0).tocoo()
     data["edges"] = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
     config = sctcm.Config(hidden=8, latent=3, decoder=(8,), dropout=0.0)
-    model = sctcm._Model(g, config)
+    model = sctcm.Model(g, config)
     cells = torch.tensor([4, 17, 2, 29])
-    z, rate, l_x, _ = sctcm._self_supervision(model, data, config, cells)
+    out = sctcm.self_supervision(model, data, sctcm.Batch(cells))
+    z, rate, l_x = out.z, out.rate, out.l_x
     pi, mu, theta = model.features(model.encoder(data["x"], data["a_norm"])[cells])
     expected = zinb_nll(data["counts"][cells], mu * data["size_factors"][cells], theta, pi)
     assert z.shape == (n, 3) and rate.shape == (4, g)
@@ -881,14 +1134,15 @@ def test_encoder_gradient_is_the_dense_transpose_product():
     dense = a_norm.to_dense()
     h = torch.randn(25, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
     weights = torch.randn(25, 4, generator=torch.Generator().manual_seed(2))
-    (sctcm._Propagate.apply(a_norm, h) * weights).sum().backward()
+    (sctcm.Propagate.apply(a_norm, h) * weights).sum().backward()
     assert torch.allclose(h.grad, dense.T @ weights, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_epoch_benchmark_times_every_part(tmp_path, capsys):
     ds = datasets.synthetic(n_cells=300, n_genes=80, n_clusters=3)
     _write(tmp_path / "toy.h5", X=np.asarray(ds.counts), Y=ds.labels)
-    seconds = sctcm._benchmark(tmp_path / "toy.h5", 3, repeats=1, batch_size=100, latent=4)
+    seconds = reproduce.benchmark(tmp_path / "toy.h5", 3, repeats=1, batch_size=100, latent=4)
     assert list(seconds) == ["encoder", "ZINB", "structure", "clustering", "evaluation",
                              "phase-1 epoch"]
     assert all(v > 0 for v in seconds.values())
@@ -996,6 +1250,7 @@ def test_standardise_uses_the_real_batch_statistics_without_gradient():
                           .expand_as(real))
 
 
+@pytest.mark.slow
 def test_a_discriminator_learns_two_shifted_clouds_of_1500_genes():
     """Eq. (12) at the default rate: real ~ N(1, 0.5^2), fake shifted by 0.1 in every gene.
     Without `standardise` the loss stays at chance (2 log 2 = 1.386) for all 300 steps."""
@@ -1011,228 +1266,9 @@ def test_a_discriminator_learns_two_shifted_clouds_of_1500_genes():
         return sctcm.discriminator_loss(disc(real, which), disc(fake, which))
 
     for _ in range(300):
-        sctcm._step(optimizer, loss())
+        sctcm.optimise(optimizer, loss())
     with torch.no_grad():
         assert loss() < 0.5 * 2 * np.log(2)
-
-
-def _blobs(n_per, centers, seed, scale=0.3):
-    rng = np.random.default_rng(seed)
-    x = np.vstack([c + scale * rng.normal(size=(n_per, len(c))) for c in centers])
-    return x, np.repeat(np.arange(len(centers)), n_per)
-
-
-def test_kmeans_finds_separated_blobs_and_is_a_lloyd_fixed_point():
-    x, y = _blobs(40, [[0, 0], [5, 0], [0, 5], [5, 5]], seed=6)
-    labels, centers = sctcm.kmeans(x, 4, seed=0)
-    assert sctcm.ari(y, labels) == 1.0
-    for j in range(4):
-        assert np.allclose(centers[j], x[labels == j].mean(0))
-    dist = ((x[:, None] - centers[None]) ** 2).sum(2)
-    assert np.array_equal(labels, dist.argmin(1))
-
-
-def test_kmeans_returns_the_restart_of_lowest_inertia(monkeypatch):
-    """Four groups at the corners of a 10 x 1 rectangle: for k = 2, left / right is the best split;
-    top / bottom is a worse Lloyd fixed point. The seeding is scripted so that only the middle of
-    three restarts starts near the best split."""
-    x, _ = _blobs(4, [[0, 0], [0, 1], [10, 0], [10, 1]], seed=2, scale=0.05)
-    split = (np.arange(1, 2 ** 15)[:, None] >> np.arange(16)) & 1  # every 2-partition of 16 points
-    size, total = split.sum(1), split @ x  # of group 1; inertia = sum |x|^2 - sum_j |sum_j|^2 / n_j
-    inertia = -(total ** 2).sum(1) / size - ((x.sum(0) - total) ** 2).sum(1) / (16 - size)
-    best = split[inertia.argmin()]
-    assert sctcm.ari(best, x[:, 0] > 5) == 1.0  # left / right, by brute force
-    top_bottom, left_right = np.array([[5, 0], [5, 1.0]]), np.array([[0, 0.5], [10, 0.5]])
-    seeds = iter([top_bottom, left_right, top_bottom])
-    monkeypatch.setattr(sctcm, "_kmeans_pp", lambda *args, **kwargs: next(seeds).copy())
-    labels, centers = sctcm.kmeans(x, 2, n_init=3)
-    assert sctcm.ari(best, labels) == 1.0
-    assert np.allclose(centers[labels], [x[labels == j].mean(0) for j in labels])
-
-
-def test_kmeans_survives_an_empty_cluster(monkeypatch):
-    x, y = _blobs(20, [[0, 0], [5, 0]], seed=1)
-    start = np.array([[100.0, 100.0], [0, 0], [5, 0]])  # centre 0 wins no point: an empty cluster
-    monkeypatch.setattr(sctcm, "_kmeans_pp", lambda *args, **kwargs: start.copy())
-    labels, centers = sctcm.kmeans(x, 3, n_init=1)
-    assert np.all(np.isfinite(centers)) and centers.shape == (3, 2)
-    dist = ((x[:, None] - centers[None]) ** 2).sum(2)
-    assert np.array_equal(labels, dist.argmin(1))
-    for j in np.unique(labels):  # a Lloyd fixed point whose clusters never mix the two blobs
-        assert np.allclose(centers[j], x[labels == j].mean(0))
-        assert len(np.unique(y[labels == j])) == 1
-
-
-def _lloyd_inertia(x, centers):
-    """Inertia of the Lloyd fixed point reached from the given centres (a plain loop)."""
-    for _ in range(100):
-        labels = ((x[:, None] - centers[None]) ** 2).sum(2).argmin(1)
-        centers = np.stack([x[labels == j].mean(0) for j in range(len(centers))])
-    return ((x - centers[labels]) ** 2).sum()
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_kmeans_reaches_the_planted_centres_minimum_on_overlapping_blobs(seed):
-    """12 Gaussian centres in a 15-d box (the make_blobs recipe), sd 2.5: plain k-means++
-    seeding stops over 1% above the planted minimum on 3 of these 20 seeds in all 10 restarts."""
-    rng = np.random.default_rng(seed)
-    planted = rng.uniform(-10, 10, (12, 15))
-    x = planted[np.arange(3000) % 12] + 2.5 * rng.standard_normal((3000, 15))
-    labels, centers = sctcm.kmeans(x, 12, seed=seed)
-    assert ((x - centers[labels]) ** 2).sum() <= 1.01 * _lloyd_inertia(x, planted)
-
-
-def test_spectral_clustering_recovers_a_planted_partition():
-    rng = np.random.default_rng(7)
-    y = np.repeat(np.arange(4), 50)
-    prob = np.where(y[:, None] == y[None, :], 0.3, 0.01)
-    upper = np.triu(rng.random((200, 200)) < prob, 1)
-    a = sp.csr_matrix((upper | upper.T).astype(float))
-    assert sctcm.ari(y, sctcm.spectral_clustering(a, 4, seed=0)) == 1.0
-
-
-def test_spectral_clustering_embeds_cells_by_the_top_eigenvectors_of_d_a_d(monkeypatch):
-    """The rows k-means sees are the top-k eigenvectors of D^-1/2 A D^-1/2, each scaled to unit
-    length: compared with a dense eigh through their Gram matrix, which does not depend on the
-    basis chosen for the eigenspace. Blocks of uneven degree tell A from D^-1/2 A D^-1/2."""
-    rng = np.random.default_rng(8)
-    y = np.repeat(np.arange(3), [20, 40, 60])
-    density = np.array([0.8, 0.3, 0.1])[y]
-    prob = np.where(y[:, None] == y[None, :], np.sqrt(np.outer(density, density)), 0.02)
-    upper = np.triu(rng.random((120, 120)) < prob, 1)
-    a = sp.csr_matrix((upper | upper.T).astype(float))
-    rows, original = [], sctcm.kmeans
-    monkeypatch.setattr(sctcm, "kmeans", lambda x, *args, **kwargs:
-                        rows.append(np.array(x)) or original(x, *args, **kwargs))
-    sctcm.spectral_clustering(a, 3, seed=0)
-    dense = a.toarray()
-    d = dense.sum(1) ** -0.5
-    values, vectors = np.linalg.eigh(d[:, None] * dense * d[None, :])
-    assert values[-3] - values[-4] > 0.1  # an eigengap: the top-3 eigenspace is well defined
-    top = vectors[:, -3:] / np.linalg.norm(vectors[:, -3:], axis=1, keepdims=True)
-    assert len(rows) == 1
-    np.testing.assert_allclose(rows[0] @ rows[0].T, top @ top.T, atol=1e-8)
-
-
-def _pairwise_modularity(a, groups, resolution):
-    """Q = (1 / 2m) sum_ij [A_ij - resolution d_i d_j / 2m] delta(c_i, c_j), pair by pair."""
-    a = a.toarray()
-    d, two_m, q = a.sum(1), a.sum(), 0.0
-    for i, j in itertools.product(range(len(a)), repeat=2):
-        if groups[i] == groups[j]:
-            q += a[i, j] - resolution * d[i] * d[j] / two_m
-    return q / two_m
-
-
-def test_modularity_matches_the_pairwise_sum_and_two_cliques():
-    rng = np.random.default_rng(5)
-    upper = np.triu(rng.random((30, 30)) < 0.2, 1) * rng.uniform(0.5, 1.5, (30, 30))
-    a = sp.csr_matrix(upper + upper.T)
-    groups = rng.integers(0, 4, 30) * 7  # ids need not be 0..C-1
-    for resolution in (0.5, 1.0):
-        assert sctcm.modularity(a, groups, resolution) == pytest.approx(
-            _pairwise_modularity(a, groups, resolution), rel=1e-12)
-    cliques = sp.block_diag([np.ones((5, 5)) - np.eye(5)] * 2).tocsr()
-    assert sctcm.modularity(cliques, np.repeat([0, 1], 5)) == pytest.approx(0.5)  # 1 - 2 (1/2)^2
-
-
-def _greedy_merges(a, over, k, resolution):
-    """Merge overclusters by trying every pair and keeping the highest Q, until k are left."""
-    groups = over.copy()
-    while len(np.unique(groups)) > k:
-        merges = [np.where(groups == j, i, groups)
-                  for i, j in itertools.combinations(np.unique(groups), 2)]
-        groups = max(merges, key=lambda g: sctcm.modularity(a, g, resolution))
-    return groups
-
-
-def test_merge_overclusters_takes_the_best_modularity_merge_at_each_step():
-    rng = np.random.default_rng(3)
-    y = np.repeat(np.arange(3), [60, 30, 10])
-    prob = np.where(y[:, None] == y[None, :], 0.2, 0.03)
-    upper = np.triu(rng.random((100, 100)) < prob, 1) * rng.uniform(0.5, 1.5, (100, 100))
-    a = sp.csr_matrix(upper + upper.T)
-    over = 2 * y + (rng.random(100) < 0.5) + 10  # each planted group split in two, ids not 0..5
-    expected = {r: _greedy_merges(a, over, 3, r) for r in (0.25, 1.0, 2.0)}
-    assert sctcm.ari(y, expected[1.0]) == 1.0
-    assert max(sctcm.ari(y, expected[r]) for r in (0.25, 2.0)) < 0.6  # the resolution matters
-    for resolution, groups in expected.items():
-        labels = sctcm.merge_overclusters(a, over, 3, resolution)
-        assert sorted(np.unique(labels)) == [0, 1, 2]
-        assert sctcm.ari(groups, labels) == 1.0
-    with pytest.raises(ValueError, match="cannot merge 6 overclusters into 7"):
-        sctcm.merge_overclusters(a, over, 7)
-
-
-def _pairs_ari(y, pred):
-    """ARI from its definition over all pairs of cells (Hubert & Arabie 1985)."""
-    n = len(y)
-    same_y = [y[i] == y[j] for i, j in itertools.combinations(range(n), 2)]
-    same_p = [pred[i] == pred[j] for i, j in itertools.combinations(range(n), 2)]
-    a = sum(s and t for s, t in zip(same_y, same_p))
-    total = n * (n - 1) / 2
-    expected = sum(same_y) * sum(same_p) / total
-    top = (sum(same_y) + sum(same_p)) / 2
-    return (a - expected) / (top - expected)
-
-
-def _loop_nmi(y, pred):
-    n = len(y)
-    def entropy(v):
-        return -sum(c / n * np.log(c / n) for c in np.unique(v, return_counts=True)[1])
-    mi = 0.0
-    for a in set(y):
-        for b in set(pred):
-            nab = sum(1 for i in range(n) if y[i] == a and pred[i] == b)
-            if nab:
-                na, nb = sum(y == a), sum(pred == b)
-                mi += nab / n * np.log(n * nab / (na * nb))
-    return 2 * mi / (entropy(y) + entropy(pred))
-
-
-def _best_permutation_acc(y, pred):
-    k = max(y.max(), pred.max()) + 1
-    return max(np.mean(np.array(perm)[pred] == y) for perm in itertools.permutations(range(k)))
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_metrics_match_brute_force(seed):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, 60)
-    pred = np.where(rng.random(60) < 0.6, y, rng.integers(0, 4, 60))
-    assert sctcm.ari(y, pred) == pytest.approx(_pairs_ari(y, pred), rel=1e-10)
-    assert sctcm.nmi(y, pred) == pytest.approx(_loop_nmi(y, pred), rel=1e-10)
-    assert sctcm.cluster_acc(y, pred) == pytest.approx(_best_permutation_acc(y, pred))
-
-
-def test_metrics_on_label_permutations_and_independence():
-    y = np.array([0, 0, 1, 1, 2, 2])
-    assert sctcm.ari(y, (y + 1) % 3) == 1.0
-    assert sctcm.nmi(y, (y + 1) % 3) == pytest.approx(1.0)
-    assert sctcm.cluster_acc(y, (y + 1) % 3) == 1.0
-    assert sctcm.ari(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(-0.5)
-
-
-def test_cluster_acc_with_more_clusters_than_classes():
-    y = np.repeat([0, 1, 2], 10)
-    pred = y.copy()
-    pred[:4] = 3  # class 0 split in two clusters: only one of them can count as class 0
-    assert sctcm.cluster_acc(y, pred) == pytest.approx(26 / 30)
-    rng = np.random.default_rng(4)
-    pred = np.where(rng.random(30) < 0.7, y, rng.integers(0, 5, 30))
-    assert len(np.unique(pred)) == 5
-    assert sctcm.cluster_acc(y, pred) == pytest.approx(_best_permutation_acc(y, pred))
-
-
-def test_centroid_ari_is_the_nearest_type_mean_by_a_loop():
-    rng = np.random.default_rng(3)
-    y = rng.choice([2, 5, 7], 90)  # label values need not be 0..k-1
-    z = rng.normal(size=(90, 4)) + 0.8 * y[:, None]
-    types = [2, 5, 7]
-    means = {t: z[y == t].mean(0) for t in types}
-    nearest = np.array([min(types, key=lambda t: np.linalg.norm(z_i - means[t])) for z_i in z])
-    assert 0 < np.mean(nearest != y) < 0.5  # overlapping types: not every cell is its type's
-    assert sctcm.centroid_ari(y, z) == pytest.approx(sctcm.ari(y, nearest), rel=1e-12)
 
 
 def _tiny_problem(n_cells=300, seed=0):
@@ -1248,7 +1284,7 @@ def _tiny_config(**changes):
 
 
 def _tiny_data(prepared, adjacency):
-    """The tensors fit hands to _self_supervision."""
+    """The tensors fit hands to self_supervision (sctcm.tensors without a device)."""
     counts = torch.as_tensor(prepared.counts)
     return {"x": torch.as_tensor(prepared.x), "counts": counts,
             "lgamma_x1": torch.lgamma(counts + 1),
@@ -1258,15 +1294,15 @@ def _tiny_data(prepared, adjacency):
 
 
 def _phase2_parts(seed=0):
-    """A model, its discriminators, optimisers and reliable members, as fit builds them."""
+    """A model, its adversary, one forward pass and reliable members, as fit builds them."""
     prepared, adjacency = _tiny_problem()
     config = _tiny_config()
     torch.manual_seed(seed)
-    model = sctcm._Model(prepared.x.shape[1], config)
-    disc = sctcm.Discriminators(3, prepared.x.shape[1], config.disc_hidden)
-    z, rate, l_x, l_a = sctcm._self_supervision(model, _tiny_data(prepared, adjacency), config)
+    model = sctcm.Model(prepared.x.shape[1], config)
+    adversary = sctcm.Adversary(model, 3, prepared.x.shape[1], config, np.random.default_rng(0))
+    out = sctcm.self_supervision(model, _tiny_data(prepared, adjacency), sctcm.Batch())
     members = [np.arange(k, 300, 3)[:20] for k in range(3)]
-    return model, disc, config, z, rate, l_x + l_a, members
+    return model, adversary, config, out, members
 
 
 def _snapshot(module):
@@ -1281,8 +1317,9 @@ def test_self_supervision_scores_raw_counts_with_mu_equal_to_size_factor_times_r
     prepared, adjacency = _tiny_problem()
     data, config = _tiny_data(prepared, adjacency), _tiny_config()
     torch.manual_seed(0)
-    model = sctcm._Model(prepared.x.shape[1], config).eval()  # no dropout: z depends on x alone
-    z, rate, l_x, l_a = sctcm._self_supervision(model, data, config)
+    model = sctcm.Model(prepared.x.shape[1], config).eval()  # no dropout: z depends on x alone
+    out = sctcm.self_supervision(model, data, sctcm.Batch())
+    z, rate, l_x, l_a = out.z, out.rate, out.l_x, out.l_a
     pi, rate_of_z, theta = model.features(z)
     s = torch.as_tensor(prepared.size_factors)[:, None]
     assert s.min() < 0.8 and s.max() > 1.25  # size factors that matter
@@ -1295,15 +1332,16 @@ def test_self_supervision_scores_raw_counts_with_mu_equal_to_size_factor_times_r
 def test_discriminators_see_reconstructions_of_reliable_cells_of_their_own_cluster():
     """Discriminator k's real samples are decoded rates of members[k] (reliable cells of cluster k)
     and of no other cell: changing the rates of any other cells leaves them as they were."""
-    model, _, config, z, rate, _, members = _phase2_parts()
+    _, adversary, _, out, members = _phase2_parts()
     members[1] = members[1][:2]  # fewer than m cells: discriminator 1 gets no samples
+    rate = out.rate
 
     def real_samples(scaled):
         changed = rate.detach().clone()
         changed[scaled] *= 3
+        adversary.rng = np.random.default_rng(0)
         with torch.no_grad():
-            real, _, active = sctcm._adversarial(model, z, changed, members, config,
-                                                 np.random.default_rng(0))
+            real, _, active = adversary.inputs(dataclasses.replace(out, rate=changed), members)
         assert active.tolist() == [0, 2]
         return real
 
@@ -1317,12 +1355,13 @@ def test_discriminators_see_reconstructions_of_reliable_cells_of_their_own_clust
 
 
 def test_discriminator_step_changes_only_discriminator_parameters():
-    model, disc, config, z, rate, _, members = _phase2_parts()
+    model, adversary, _, out, members = _phase2_parts()
+    disc = adversary.disc
     before_model, before_disc = _snapshot(model), _snapshot(disc)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2)
-    losses = sctcm._discriminator_step(opt_d, model, disc, z, rate, members, config,
-                                       np.random.default_rng(0))
-    assert set(losses) == {"L_d", "L_d0", "L_d1", "L_d2"}
+    adversary.optimizer = torch.optim.Adam(disc.parameters(), lr=1e-2)
+    losses = adversary.step(out, members)
+    assert set(losses) == {"L_d", "L_d_chance", "L_d0", "L_d1", "L_d2"}
+    assert losses["L_d_chance"] == pytest.approx(3 * 2 * np.log(2))
     assert not any(_changed(model, before_model))
     assert all(_changed(disc, before_disc))
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
@@ -1332,13 +1371,13 @@ def test_generator_step_moves_the_generator_by_l_g_and_never_the_discriminators(
     """L_SS weighted 0: L_g alone must move the encoder and the feature head, and gamma_g = 0
     moves neither (so it is L_g that moves them); no discriminator parameter ever moves."""
     for gamma_g in (1.0, 0.0):
-        model, disc, config, z, rate, l_ss, members = _phase2_parts()
-        config.gamma_g = gamma_g
+        model, adversary, _, out, members = _phase2_parts()
+        disc = adversary.disc
         encoder, features = _snapshot(model.encoder), _snapshot(model.features)
         before_disc = _snapshot(disc)
         opt_g = torch.optim.Adam(model.parameters(), lr=1e-2)
-        sctcm._generator_step(opt_g, model, disc, z, rate, 0 * l_ss, members, config,
-                              np.random.default_rng(0))
+        l_g = adversary.generator_loss(out, members)
+        sctcm.optimise(opt_g, 0 * (out.l_x + out.l_a) + gamma_g * l_g)
         assert not any(_changed(disc, before_disc))
         if gamma_g:
             assert all(_changed(model.encoder, encoder)) and any(_changed(model.features, features))
@@ -1353,11 +1392,13 @@ def _fit(**changes):
 
 @pytest.mark.parametrize("changes", [dict(lr_pretrain=1e4),
                                      dict(w_x=0.0, w_a=0.0, lr_cluster=1e3)])
+@pytest.mark.slow
 def test_fit_stops_with_a_clear_error_when_training_diverges(changes):
     with pytest.raises(FloatingPointError, match="training diverged"):
         _fit(**changes)
 
 
+@pytest.mark.slow
 def test_ablation_flags_remove_their_losses():
     history = _fit().history
     full = {k for row in history for k in row}
@@ -1393,6 +1434,7 @@ def _script_geometry(monkeypatch, script):
     (6, [(1, 2), (1, 2), (2.5, 2)], 6),                  # at min_epochs itself
     (6, [], 12),                                         # never: max_epochs
 ])
+@pytest.mark.slow
 def test_phase2_stops_at_the_first_evaluation_after_min_epochs_where_id_reaches_lid(
         monkeypatch, min_epochs, script, stop):
     _script_geometry(monkeypatch, script)
@@ -1404,14 +1446,15 @@ def test_phase2_stops_at_the_first_evaluation_after_min_epochs_where_id_reaches_
 
 @pytest.mark.parametrize("adversarial, overclustering, cycle", [
     (True, True, "cdodgd"), (True, False, "cdgd"), (False, True, "co"), (False, False, "c")])
+@pytest.mark.slow
 def test_phase2_alternates_its_steps_with_one_discriminator_update_after_each(
         monkeypatch, adversarial, overclustering, cycle):
     """Steps in order: clustering (c), overclustering (o), generator (g), one per epoch, each
     followed by one discriminator update (d); an ablation drops its own steps."""
     events = []
-    for name, event in (("_generator_step", "g"), ("_discriminator_step", "d")):
-        monkeypatch.setattr(sctcm, name, lambda *args, _f=getattr(sctcm, name), _e=event, **kw:
-                            events.append(_e) or _f(*args, **kw))
+    for name, event in (("generator_loss", "g"), ("step", "d")):
+        monkeypatch.setattr(sctcm.Adversary, name, lambda *args, _f=getattr(sctcm.Adversary, name),
+                            _e=event, **kw: events.append(_e) or _f(*args, **kw))
     kl = sctcm.kl_divergence  # L_c against K = 3 clusters, L_o against n_o = 6 overclusters
     monkeypatch.setattr(sctcm, "kl_divergence", lambda q, p, *args, **kw:
                         events.append("c" if q.shape[1] == 3 else "o") or kl(q, p, *args, **kw))
@@ -1420,6 +1463,7 @@ def test_phase2_alternates_its_steps_with_one_discriminator_update_after_each(
     assert "".join(events) == cycle * (6 // len(cycle.replace("d", "")))
 
 
+@pytest.mark.slow
 def test_phase2_targets_are_fixed_within_each_update_window(monkeypatch):
     """q of Eq. (6) is recomputed at epochs 1, 5, 9 (update_every = 4) and held fixed in between."""
     targets, kl = [], sctcm.kl_divergence
@@ -1433,6 +1477,7 @@ def test_phase2_targets_are_fixed_within_each_update_window(monkeypatch):
     assert not torch.equal(targets[3], targets[4]) and not torch.equal(targets[7], targets[8])
 
 
+@pytest.mark.slow
 def test_training_lowers_the_losses_and_improves_the_codes():
     """Against the same model untrained (lr 1e-30: its loss and k-means ARI are the untrained ones):
     phase 1 halves L_X and makes k-means on Z better, and the whole run clusters well. L_A is
@@ -1450,6 +1495,7 @@ def test_training_lowers_the_losses_and_improves_the_codes():
     assert structure_only.history[0]["L_A"] < 0.75 * untrained["L_A"]
 
 
+@pytest.mark.slow
 def test_sampled_losses_train_on_batches_and_cluster_as_well(monkeypatch):
     """losses="sampled" on 300 cells in batches of 100: the clustering steps see 100 cells each,
     the ZINB term too, and the run clusters as the exact one does."""
@@ -1466,6 +1512,7 @@ def test_sampled_losses_train_on_batches_and_cluster_as_well(monkeypatch):
     assert sampled.metrics["ari"] > 0.95
 
 
+@pytest.mark.slow
 def test_fit_starts_phase_2_from_a_given_partition():
     prepared, adjacency = _tiny_problem()
     y = prepared.labels
@@ -1473,22 +1520,24 @@ def test_fit_starts_phase_2_from_a_given_partition():
     run = lambda start: sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None,
                                   start=start).labels
     from_truth, from_shifted = run(y), run((y + 1) % 3)
-    assert sctcm.ari(y, from_truth) > 0.9
+    assert clustering.ari(y, from_truth) > 0.9
     assert np.array_equal(from_shifted, (from_truth + 1) % 3)  # phi^c follow the start's order
     for bad in [y[:-1], np.minimum(y, 1), y + 1]:
         with pytest.raises(ValueError, match="start must give each"):
             sctcm.fit(prepared, adjacency, 3, config, start=bad)
 
 
+@pytest.mark.slow
 def test_history_logs_the_true_centre_ari_of_the_codes_in_both_phases():
     prepared, adjacency = _tiny_problem()
     result = sctcm.fit(prepared, adjacency, 3, _tiny_config(), log=lambda line: None)
     assert {row["phase"] for row in result.history if "centroid_ari" in row} == {1, 2}
     last = result.history[-1]
     assert last["epoch"] == result.metrics["phase2_epochs"]  # logged on the final codes
-    assert last["centroid_ari"] == sctcm.centroid_ari(prepared.labels, result.embedding)
+    assert last["centroid_ari"] == clustering.centroid_ari(prepared.labels, result.embedding)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["spectral", "kmeans", "merge"])
 def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
     """phi^c starts at the mean code of each cluster of the chosen partition of the cells."""
@@ -1504,22 +1553,66 @@ def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
     sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None)
     z, centers = calls[0]  # the first call is with the initial phi^c
     if init == "spectral":
-        expected = sctcm.spectral_clustering(adjacency, 3, seed=0)
+        expected = clustering.spectral_clustering(adjacency, 3, seed=0)
     elif init == "kmeans":
-        expected = sctcm.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0]
+        expected = clustering.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0]
     else:
-        over = sctcm.kmeans(z, config.n_over, seed=0)[0]
-        expected = sctcm.merge_overclusters(adjacency, over, 3, config.resolution)
+        over = clustering.kmeans(z, config.n_over, seed=0)[0]
+        expected = clustering.merge_overclusters(adjacency, over, 3, config.resolution)
     means = np.stack([z[expected == k].mean(0) for k in range(3)])
     assert np.allclose(centers, means, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_phase2_steps_move_the_centres_as_trainable_parameters(monkeypatch):
+    """phi^c (K = 3 rows) and phi^o (n_o = 6 rows) are leaves with gradients in the steps of
+    Eqs. (7) and (10), and the steps move them: the centres of the last step differ from the
+    first's."""
+    original, seen = sctcm.soft_assign, {3: [], 6: []}
+
+    def spy(z, centers):
+        if z.requires_grad:  # a training step (targets, logs and labels read fixed codes)
+            assert centers.requires_grad and centers.is_leaf
+            seen[len(centers)].append(centers.detach().clone())
+        return original(z, centers)
+
+    monkeypatch.setattr(sctcm, "soft_assign", spy)
+    _fit(pretrain_epochs=2, max_epochs=8, min_epochs=8, eval_every=8, adversarial=False)
+    for k in (3, 6):
+        assert len(seen[k]) == 4
+        assert not torch.allclose(seen[k][0], seen[k][-1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_targets_geometry_and_labels_use_codes_without_dropout(monkeypatch):
+    """Every encoder pass without gradient (targets q, ID/LID and scores, the final labels) runs
+    in eval mode, i.e. without the input dropout; the training passes run with it; and the
+    final embedding is the output of the last of them."""
+    original, passes = sctcm.Encoder.forward, []
+
+    def spy(self, x, a_norm):
+        z = original(self, x, a_norm)
+        passes.append((torch.is_grad_enabled(), self.training, z.detach().clone()))
+        return z
+
+    monkeypatch.setattr(sctcm.Encoder, "forward", spy)
+    result = _fit(dropout=0.5, pretrain_epochs=4, eval_every=2, max_epochs=6, min_epochs=6,
+                  update_every=3)
+    codes = [(training, z) for grad, training, z in passes if not grad]
+    assert len(codes) == 2 + 1 + 2 + 3 + 1  # phase-1 logs, centres, targets, phase-2 logs, labels
+    assert not any(training for training, _ in codes)
+    assert all(training for grad, training, _ in passes if grad)
+    assert np.array_equal(result.embedding, codes[-1][1].numpy())
+
+
+@pytest.mark.slow
 def test_fit_is_deterministic_for_a_seed():
     first, second = _fit(seed=3), _fit(seed=3)
     assert np.array_equal(first.labels, second.labels)
     assert np.array_equal(first.embedding, second.embedding)
 
 
+@pytest.mark.slow
 def test_gradients_through_repeated_rows_are_bitwise_reproducible():
     # Repeated rows of z (every cell has many edges, a cell sits in many convex combinations)
     # must be summed in a fixed order; advanced indexing's backward varies from call to call.
@@ -1544,6 +1637,7 @@ def _cli(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_synthetic_data(tmp_path):
     """A short run of the command line writes its four files (what training must achieve is
     test_training_lowers_the_losses_and_improves_the_codes)."""
@@ -1616,6 +1710,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, args
     _assert_refused(code, capsys.readouterr().err, tmp_path, message)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", IN_A_SUBPROCESS)
 def test_cli_bad_input_in_a_fresh_process_prints_no_traceback(tmp_path, args, message):
     _cli_folder(tmp_path)
@@ -1623,6 +1718,7 @@ def test_cli_bad_input_in_a_fresh_process_prints_no_traceback(tmp_path, args, me
     _assert_refused(run.returncode, run.stderr, tmp_path, message)
 
 
+@pytest.mark.slow
 def test_cli_output_folder_empty_a_file_or_overwritten(tmp_path, monkeypatch, capsys):
     _cli_folder(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -1640,6 +1736,7 @@ def test_cli_output_folder_empty_a_file_or_overwritten(tmp_path, monkeypatch, ca
         "data.h5", "empty", "file", "full", "notes.txt"]
 
 
+@pytest.mark.slow
 def test_cli_label_key_chooses_the_labels_scored(tmp_path, capsys):
     data = datasets.synthetic(n_cells=120, n_genes=60, n_clusters=3, seed=0)
     batch = np.arange(120) % 2
@@ -1652,7 +1749,7 @@ def test_cli_label_key_chooses_the_labels_scored(tmp_path, capsys):
     pred = np.loadtxt(out / "labels.csv", delimiter=",", skiprows=1, usecols=1)
     ari = json.loads((out / "summary.json").read_text())["metrics"]["ari"]
     assert ari == pytest.approx(_pairs_ari(batch, pred), rel=1e-10)
-    assert abs(ari - sctcm.ari(data.labels, pred)) > 0.1  # not the default cell_type column's
+    assert abs(ari - clustering.ari(data.labels, pred)) > 0.1  # not the default cell_type column's
     assert sctcm.main([*args, "--label-key", "donor", "--out", str(tmp_path / "other")]) == 2
     assert "no obs column 'donor'" in capsys.readouterr().err
 
@@ -1672,6 +1769,7 @@ def _counts_with_empty_rows():
     return counts, data.labels
 
 
+@pytest.mark.slow
 def test_cluster_lines_its_results_up_with_the_input_rows():
     """A dropped cell gets -1 and a row of NaN; the others get what fit gives on the kept cells."""
     counts, _ = _counts_with_empty_rows()
@@ -1689,6 +1787,7 @@ def test_cluster_lines_its_results_up_with_the_input_rows():
     assert result.history == alone.history
 
 
+@pytest.mark.slow
 def test_cluster_gives_the_command_line_labels_for_the_same_seed(tmp_path):
     counts, labels = _counts_with_empty_rows()
     _write(tmp_path / "toy.h5", X=counts, Y=labels)
@@ -1736,7 +1835,7 @@ def test_cluster_refuses_bad_arguments_in_one_line(counts, keywords, message):
 
 def test_cluster_reads_the_labels_of_a_pandas_column_with_missing_values():
     labels = np.array(["b", "a", np.nan, "b"], dtype=object)  # what .to_numpy() gives
-    assert sctcm._counts_dataset(np.ones((4, 3)), labels).labels.tolist() == [1, 0, -1, 1]
+    assert datasets.from_counts(np.ones((4, 3)), labels).labels.tolist() == [1, 0, -1, 1]
 
 
 def _plot_run(tmp_path):
@@ -1749,6 +1848,7 @@ def _plot_run(tmp_path):
     return code, out
 
 
+@pytest.mark.slow
 def test_plot_draws_three_pngs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     code, out = _plot_run(tmp_path)
@@ -1760,6 +1860,7 @@ def test_plot_draws_three_pngs(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].endswith("fig2.png embedding.png losses.png")
 
 
+@pytest.mark.slow
 def test_plot_without_matplotlib_says_so_in_one_line_and_exits_0(tmp_path, capsys, monkeypatch):
     for name in ["matplotlib", *(m for m in sys.modules if m.startswith("matplotlib."))]:
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
@@ -1788,6 +1889,7 @@ def _row(table, start):
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+@pytest.mark.slow
 def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -1827,13 +1929,13 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
     assert _row(results, "| | k-means, 50 PCs |")[2] == "1"
     assert _row(results, "| | k-means, 50 PCs, 100 restarts |")[2] == "1"
     prepared = datasets.preprocess(datasets.load(data / "a.h5"))
-    start = sctcm.spectral_clustering(datasets.knn_graph(prepared.x), 3, seed=0)
+    start = clustering.spectral_clustering(datasets.knn_graph(prepared.x), 3, seed=0)
     assert (_row(results, "| | spectral clustering of A (the paper's phase-2 start) |")[5]
-            == f"{sctcm.ari(prepared.labels, start):.3f} ± 0.000")
+            == f"{clustering.ari(prepared.labels, start):.3f} ± 0.000")
     codes = np.loadtxt(runs / "a" / "full" / "seed0" / "embedding.csv", delimiter=",",
                        skiprows=1, usecols=range(1, 5))  # z1..z4: --latent 4 in QUICK
     assert (_row(results, "| | true centres in scTCM's Z (uses the labels) |")[3:6]
-            == ["", "", f"{sctcm.centroid_ari(prepared.labels, codes):.3f} ± 0.000"])
+            == ["", "", f"{clustering.centroid_ari(prepared.labels, codes):.3f} ± 0.000"])
     neither = json.loads((runs / "a" / "neither" / "seed0" / "summary.json").read_text())
     assert _row(results, "| neither |")[4] == f"{neither['metrics']['ari']:.3f} ± 0.000"
 
@@ -1847,6 +1949,7 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
 
 @pytest.mark.parametrize("folder, message", [("missing", "no such folder"),
                                              ("empty", "no labelled")])
+@pytest.mark.slow
 def test_reproduce_bad_folder_exits_2_with_one_line(tmp_path, folder, message):
     (tmp_path / "empty").mkdir()
     run = _reproduce(folder, "--out", "rep", cwd=tmp_path)
@@ -1856,6 +1959,7 @@ def test_reproduce_bad_folder_exits_2_with_one_line(tmp_path, folder, message):
     assert not (tmp_path / "rep").exists()
 
 
+@pytest.mark.slow
 def test_reproduce_datasets_runs_only_the_files_named(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -1871,8 +1975,12 @@ def test_reproduce_datasets_runs_only_the_files_named(tmp_path):
                         cwd=tmp_path)
     assert only_b.returncode == 0, only_b.stderr
     assert [p.name for p in (tmp_path / "rep" / "runs").iterdir()] == ["b"]
-    assert [p.name for p in (tmp_path / "rep" / "runs" / "b").iterdir()] == ["sampled-losses"]
-    assert "| b (K=3) | scTCM, `--losses sampled` | 1 |" in (tmp_path / "rep" / "results.md").read_text()
+    ran = {p.name for p in (tmp_path / "rep" / "runs" / "b").iterdir()}
+    assert ran == {"sampled-losses", "full", "no-adversarial", "no-overclustering", "neither"}
+    assert (tmp_path / "rep" / "fig2_b.csv").exists()  # --ablate, --figure alone: every dataset
+    results = (tmp_path / "rep" / "results.md").read_text()
+    assert "| b (K=3) | scTCM | 1 |" in results and "| | scTCM, `--losses sampled` | 1 |" in results
+    assert "| b | seeds |" in results  # Table 2 of b
 
 
 # ---------------------------------------------------------------- bad files, bad settings, missing labels
@@ -1976,6 +2084,7 @@ def test_file_without_read_permission_is_one_line(capsys, tmp_path, monkeypatch)
     assert "locked.csv: permission denied" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cut.h5", "cut.csv.gz"])
 def test_unreadable_file_in_a_subprocess_has_no_traceback(tmp_path, name):
     write = next(w for n, w, _ in UNREADABLE if n == name)
@@ -1987,6 +2096,7 @@ def test_unreadable_file_in_a_subprocess_has_no_traceback(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+@pytest.mark.slow
 def test_reproduce_refuses_a_broken_file_of_the_folder_in_one_line(capsys, tmp_path):
     x, labels = _toy()
     _write(tmp_path / "a.h5", X=x, Y=_strings(labels))
@@ -2010,7 +2120,7 @@ BAD_SETTINGS = [  # one value outside the stated range of each Config field that
 
 
 def test_every_setting_states_its_range_in_its_help():
-    helps = sctcm._field_help()
+    helps = sctcm.config_help()
     ranged = {f.name for f in dataclasses.fields(sctcm.Config) if not isinstance(f.default, bool)}
     assert {name for name, _ in BAD_SETTINGS} == ranged
     for name in ranged:
@@ -2024,7 +2134,7 @@ def test_settings_outside_their_range_are_refused_before_any_work(capsys, tmp_pa
 
 
 def test_settings_at_the_ends_of_their_ranges_are_accepted():
-    sctcm._check_config(sctcm.Config(beta_c=0.0, beta_o=0.999, reliable_frac=1.0, dropout=0.0,
+    sctcm.check_config(sctcm.Config(beta_c=0.0, beta_o=0.999, reliable_frac=1.0, dropout=0.0,
                                      w_x=0.0, w_a=0.0, gamma_c=0.0, gamma_o=0.0, gamma_g=0.0,
                                      n_over=2, m_cvx=2, min_epochs=0, seed=2**32 - 1))
 
@@ -2075,6 +2185,7 @@ def _with_missing_labels(path, how):
         _write(path, X=x, Y=np.where(MISSING, np.nan, codes), cell_types=_strings(classes))
 
 
+@pytest.mark.slow
 def test_reproduce_k_counts_the_label_classes_not_the_missing_labels(tmp_path):
     _with_missing_labels(tmp_path / "toy.h5", "empty and NA strings")
     [(stem, _, k, _)] = reproduce.labelled_files(tmp_path)
@@ -2105,7 +2216,7 @@ def test_scores_leave_out_cells_without_a_label(seed):
     y = rng.integers(0, 4, 60)
     pred = np.where(rng.random(60) < 0.6, y, rng.integers(0, 4, 60))
     keep = rng.random(60) < 0.75
-    got = sctcm.scores(np.where(keep, y, -1), pred)
+    got = clustering.scores(np.where(keep, y, -1), pred)
     assert got["ari"] == pytest.approx(_pairs_ari(y[keep], pred[keep]), rel=1e-10)
     assert got["nmi"] == pytest.approx(_loop_nmi(y[keep], pred[keep]), rel=1e-10)
     assert got["acc"] == pytest.approx(_best_permutation_acc(y[keep], pred[keep]))
@@ -2119,10 +2230,11 @@ def test_centroid_ari_leaves_out_cells_without_a_label():
     means = [z[keep & (y == t)].mean(0) for t in range(3)]
     nearest = np.array([min(range(3), key=lambda t: np.linalg.norm(z_i - means[t]))
                         for z_i in z[keep]])
-    got = sctcm.centroid_ari(np.where(keep, y, -1), z)
+    got = clustering.centroid_ari(np.where(keep, y, -1), z)
     assert got == pytest.approx(_pairs_ari(y[keep], nearest), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_cli_clusters_every_cell_and_scores_those_with_a_label(capsys, tmp_path):
     data = datasets.synthetic(n_cells=120, n_genes=60, n_clusters=3, seed=0)
     keep = np.arange(120) % 10 > 0

@@ -1,0 +1,205 @@
+"""The standard algorithms scTCM starts from and is judged by; none of them is a paper equation.
+
+k-means (greedy k-means++ seeding), spectral clustering of the cell graph A, the modularity of a
+partition and the overcluster merge that --init merge starts phase 2 from, and the scores
+ACC / NMI / ARI with the centroid_ari diagnostic. numpy and scipy only: reproduce.py and the
+tests use them without the model.
+
+References
+- Arthur & Vassilvitskii. k-means++: the advantages of careful seeding (SODA 2007).
+- Ng, Jordan, Weiss. On spectral clustering: analysis and an algorithm (NeurIPS 2001).
+- Newman. Modularity and community structure in networks (PNAS 2006); Clauset, Newman & Moore.
+  Finding community structure in very large networks (Phys. Rev. E 2004).
+- Hubert & Arabie. Comparing partitions (J. Classif. 1985) (ARI); Strehl & Ghosh. Cluster
+  ensembles (JMLR 2002) (NMI); Kuhn 1955 (the Hungarian matching of ACC).
+"""
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.linalg import eigsh
+
+
+def squared_distances(a, b):
+    """(len(a), len(b)) squared Euclidean distances between the rows of a and b, clipped at 0
+    against round-off (k-means, centroid_ari and datasets' approximate kNN search)."""
+    return np.maximum((a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None], 0)
+
+
+def symmetric_normalize(a):
+    """D^-1/2 A D^-1/2 with D = diag(A 1), as a float64 scipy sparse matrix (spectral clustering
+    here; with A + I, the propagation matrix of Eq. 1 in sctcm)."""
+    a = sp.csr_matrix(a, dtype=np.float64)
+    d = sp.diags(np.asarray(a.sum(axis=1)).ravel() ** -0.5)
+    return d @ a @ d
+
+
+# ---------------------------------------------------------------- k-means and spectral clustering
+
+def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
+    """k-means: greedy k-means++ seeding, Lloyd iterations, n_init restarts, lowest inertia kept.
+
+    x: (n, d) array -> labels (n,), centers (k, d)."""
+    x = np.asarray(x, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    best = (np.inf, None, None)
+    for _ in range(n_init):
+        centers = _kmeans_pp(x, k, rng)
+        for _ in range(max_iter):
+            dist = squared_distances(x, centers)
+            labels = dist.argmin(1)
+            new = _cluster_means(x, labels, centers)
+            shift = np.sum((new - centers) ** 2)
+            centers = new
+            if shift <= tol * np.mean(np.var(x, 0)):
+                break
+        dist = squared_distances(x, centers)
+        labels, inertia = dist.argmin(1), dist.min(1).sum()
+        if inertia < best[0]:
+            best = (inertia, labels, centers)
+    return best[1], best[2]
+
+
+def _cluster_means(x, labels, centers):
+    """Mean of the points of each cluster; an empty cluster keeps its old centre."""
+    k = len(centers)
+    member = sp.csr_matrix((np.ones(len(x)), (labels, np.arange(len(x)))), shape=(k, len(x)))
+    sizes = np.bincount(labels, minlength=k)[:, None]
+    return np.where(sizes > 0, member @ x / np.maximum(sizes, 1), centers)
+
+
+def _kmeans_pp(x, k, rng):
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, as scikit-learn seeds): each next
+    centre is the best, by the inertia it leaves, of 2 + ln k candidates drawn with probability
+    proportional to D(x)^2. Plain k-means++ (one candidate) lands in poor minima more often."""
+    centers = [x[rng.integers(len(x))]]
+    closest = squared_distances(x, centers[0][None])[:, 0]
+    n_trials = 2 + int(np.log(k))
+    for _ in range(1, k):
+        total = closest.sum()
+        if total > 0:
+            candidates = rng.choice(len(x), n_trials, p=closest / total)
+        else:
+            candidates = rng.integers(len(x), size=n_trials)
+        after = np.minimum(closest, squared_distances(x, x[candidates]).T)  # (n_trials, n)
+        best = after.sum(1).argmin()
+        centers.append(x[candidates[best]])
+        closest = after[best]
+    return np.array(centers)
+
+
+def spectral_clustering(a, k, seed=0):
+    """Spectral clustering of the cell graph A (Ng, Jordan & Weiss 2001), used for phi^c.
+
+    Top-k eigenvectors of D^-1/2 A D^-1/2, rows scaled to unit length, then kmeans. The paper
+    clusters A itself: no self loops here, unlike the GCN of Eq. (1).
+    a: (n, n) scipy sparse adjacency without isolated cells -> labels (n,)."""
+    v0 = np.random.default_rng(seed).random(a.shape[0])
+    _, vectors = eigsh(symmetric_normalize(a), k=k, which="LA", v0=v0)
+    rows = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return kmeans(rows, k, seed=seed)[0]
+
+
+def _group_edges(a, labels):
+    """(C, C) edge ends between the groups of a partition of the graph A (any C label values)."""
+    labels = np.unique(labels, return_inverse=True)[1]
+    member = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)), labels)))
+    return (member.T @ sp.csr_matrix(a) @ member).toarray()
+
+
+def modularity(a, labels, resolution=1.0):
+    """Q = sum_c [e_cc / 2m - resolution (d_c / 2m)^2] of a partition of the graph A (Newman
+    2006): the criterion merge_overclusters climbs, and a diagnostic of any partition.
+
+    e_cc counts the edge ends inside group c, d_c the edge ends of its cells, 2m all of them.
+    a: (n, n) scipy sparse adjacency; labels: (n,) group of each cell."""
+    e = _group_edges(a, labels)
+    two_m = e.sum()
+    return (np.trace(e) - resolution * (e.sum(1) ** 2).sum() / two_m) / two_m
+
+
+def merge_overclusters(a, over, k, resolution=0.5):
+    """K clusters from the overclusters of Z, merged on the cell graph A (init="merge").
+
+    Not in the paper, which starts phi^c from spectral clustering of A. Greedy modularity
+    agglomeration (Clauset, Newman & Moore 2004) with the overclusters as the starting groups:
+    repeatedly merge the two groups whose union raises the modularity Q (see `modularity`)
+    most, or lowers it least, until k are left. A resolution below 1 lets large groups merge
+    sooner than Q itself would.
+    a: (n, n) scipy sparse adjacency; over: (n,) overcluster of each cell -> labels (n,) in 0..k-1."""
+    over = np.unique(over, return_inverse=True)[1]
+    if over.max() + 1 < k:
+        raise ValueError(f"cannot merge {over.max() + 1} overclusters into {k} clusters")
+    w = _group_edges(a, over)  # the graph of the overclusters
+    two_m = w.sum()
+    group = np.arange(len(w))  # the group of each overcluster, always numbered 0..C-1
+    for _ in range(len(w) - k):
+        e = _group_edges(w, group)
+        d = e.sum(1)
+        gain = e / two_m - resolution * np.outer(d, d) / two_m ** 2  # half the change in Q
+        np.fill_diagonal(gain, -np.inf)
+        i, j = np.unravel_index(gain.argmax(), gain.shape)
+        group = np.unique(np.where(group == j, i, group), return_inverse=True)[1]
+    return group[over]
+
+
+# ---------------------------------------------------------------- scores
+
+def _contingency(y, pred):
+    """Counts n_ij of cells with true class i and predicted cluster j. A cell whose label is
+    missing (negative; datasets.load writes -1) is left out, here and so in every metric."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    _, yi = np.unique(y[y >= 0], return_inverse=True)
+    _, pj = np.unique(pred[y >= 0], return_inverse=True)
+    table = np.zeros((yi.max() + 1, pj.max() + 1), dtype=np.int64)
+    np.add.at(table, (yi, pj), 1)
+    return table
+
+
+def cluster_acc(y, pred):
+    """Clustering accuracy: the best one-to-one map of clusters to classes (Hungarian)."""
+    table = _contingency(y, pred)
+    rows, cols = linear_sum_assignment(-table)
+    return table[rows, cols].sum() / table.sum()
+
+
+def nmi(y, pred):
+    """Normalised mutual information, arithmetic normalisation: 2 I(Y; C) / (H(Y) + H(C))."""
+    table = _contingency(y, pred)
+    table = table / table.sum()
+    py, pc = table.sum(1), table.sum(0)
+    nz = table > 0
+    mi = np.sum(table[nz] * np.log(table[nz] / np.outer(py, pc)[nz]))
+    h = -np.sum(py * np.log(py)) - np.sum(pc * np.log(pc))
+    return 1.0 if h == 0 else float(2 * mi / h)
+
+
+def ari(y, pred):
+    """Adjusted Rand index (Hubert & Arabie 1985) from the contingency table."""
+    table = _contingency(y, pred)
+    pairs = lambda c: (c * (c - 1) / 2).sum()
+    index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / pairs(table.sum(keepdims=True))
+    top = (rows + cols) / 2
+    return 1.0 if top == expected else float((index - expected) / (top - expected))
+
+
+def scores(y, pred):
+    """ACC, NMI, ARI of the cells with a label (y >= 0) as a dict, or {} when labels are unknown."""
+    if y is None:
+        return {}
+    return {"acc": cluster_acc(y, pred), "nmi": nmi(y, pred), "ari": ari(y, pred)}
+
+
+def centroid_ari(y, z):
+    """ARI of giving each cell the type whose mean code is nearest to its own (a diagnostic).
+
+    It reads the labels to place the centres, so it is not a clustering result: it says how
+    well the codes z (n, d) separate the labelled types once their centres are known, i.e. the
+    ARI a centre-based partition of Z such as the argmax of Eq. (5) could reach from the right
+    start. Compare it with the ARI that k-means on Z or phase 2 actually reaches. Cells whose
+    label is missing (-1) are left out."""
+    keep = np.asarray(y) >= 0
+    y, z = np.asarray(y)[keep], np.asarray(z, dtype=np.float64)[keep]
+    types = np.unique(y)
+    centres = np.stack([z[y == t].mean(0) for t in types])
+    return ari(y, types[squared_distances(z, centres).argmin(1)])
