@@ -2,13 +2,20 @@
 
     file -> load() -> Dataset -> preprocess() -> Prepared -> knn_graph(Prepared.x) -> A (sctcm.fit)
 
-load() detects five layouts (DESIGN.md):
+load() detects six layouts (DESIGN.md):
   (a) HDF5 with X (counts, dense or a CSR group) and Y (labels): the scDeepCluster/scDCC files;
   (b) HDF5 with exprs (dense or CSR group), obs/cell_type1, obs_names, var_names: the files of the
       scTCM paper (scziDesk's layout);
   (c) AnnData .h5ad: X dense or a CSR/CSC group, labels from an obs column;
   (d) a 10x folder: matrix.mtx[.gz] (genes x cells), barcodes.tsv[.gz], features.tsv[.gz]/genes.tsv;
-  (e) CSV/TSV[.gz]: a header of gene names, then one row per cell, its name first.
+  (e) CSV/TSV[.gz]: a header of gene names, then one row per cell, its name first;
+  (f) Cell Ranger's HDF5 feature-barcode matrix (filtered_feature_bc_matrix.h5), strings as
+      fixed-length bytes. v3 and later: group matrix with data, indices, indptr, shape = (genes,
+      cells) (stored by cell: indptr has cells + 1 entries, indices are gene rows), barcodes (cell
+      names), features/name (gene names) and features/feature_type: only "Gene Expression" rows
+      are kept (Antibody Capture, CRISPR Guide Capture, ... are counted in a note); features/id
+      and genome are not read. v2 (filtered_gene_bc_matrices_h5.h5): one group per genome
+      (/mm10) with the same matrix datasets, barcodes, genes (ids, not read) and gene_names.
 
 References:
   Mrabah, Amar, Bouguessa, Diallo, "Toward Convex Manifolds: A Geometric Perspective for Deep Graph
@@ -72,11 +79,24 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # Dataset.notes + one line on what was dropped
 
 
+@dataclass
+class _Parts:
+    """What a reader found in a file, before _assemble orients, checks and encodes it."""
+    x: sp.csr_matrix                    # the counts as stored
+    what: str                           # their name in messages: X, exprs, matrix, ...
+    labels: np.ndarray | None = None    # raw label values (codes or strings), one per cell
+    names: np.ndarray | None = None     # the names of integer label codes
+    genes: np.ndarray | None = None     # gene names
+    cells: np.ndarray | None = None     # cell names
+    fixed: bool = False                 # the reader made x cells x genes (the layout says which axis is which)
+    notes: list[str] = field(default_factory=list)  # one-line remarks of the reader
+
+
 # ---------------------------------------------------------------- load
 
 
 def load(path, label_key=None):
-    """Read a count matrix and its labels from any of the five layouts -> Dataset (cells x genes).
+    """Read a count matrix and its labels from any of the six layouts -> Dataset (cells x genes).
 
     label_key: the obs column (h5ad, paper layout) or dataset (X/Y layout) holding the labels;
     by default Y, cell_type1, or the first of LABEL_KEYS present. Counts are checked (numeric,
@@ -104,7 +124,7 @@ def load(path, label_key=None):
         parts = _read_text(path)
     else:
         raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad, a 10x folder, or .csv/.tsv)")
-    return _assemble(path, *parts)
+    return _assemble(path, parts)
 
 
 @contextmanager
@@ -139,16 +159,20 @@ def _unreadable(err):
     return f"cannot be read ({detail})"
 
 
-def _assemble(path, x, what, raw_labels, names, genes, cells):
-    """Orient, check and encode what a reader returned -> Dataset."""
-    x, notes = _orient(x, path, what, raw_labels, cells, genes)
+def _assemble(path, parts):
+    """Orient, check and encode what a reader returned (_Parts) -> Dataset."""
+    x, what, genes, cells = parts.x, parts.what, parts.genes, parts.cells
+    notes = list(parts.notes)
+    if not parts.fixed:
+        x, transposed = _orient(x, path, what, parts.labels, cells, genes)
+        notes += transposed
     n, g = x.shape
-    for kind, values, size in (("labels", raw_labels, n), ("cell names", cells, n), ("gene names", genes, g)):
+    for kind, values, size in (("labels", parts.labels, n), ("cell names", cells, n), ("gene names", genes, g)):
         if values is not None and len(values) != size:
             raise ValueError(f"{path}: {len(values)} {kind} for {n} cells x {g} genes in {what}")
     _check_counts(x.data, path, what)
     x.sum_duplicates()
-    labels, label_names = _encode_labels(raw_labels, names)
+    labels, label_names = _encode_labels(parts.labels, parts.names)
     return Dataset(
         counts=x.astype(np.float32),
         labels=labels,
@@ -178,20 +202,27 @@ def _orient(x, path, what, labels, cells, genes):
 
 def _check_counts(values, path, what):
     """Raise a one-line ValueError unless values are finite, non-negative whole numbers."""
+    problem = _count_problem(values, what)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+
+
+def _count_problem(values, what):
+    """Why values are not raw counts (finite, non-negative whole numbers), in a few words, or None."""
     if values.dtype.kind not in "biuf":
-        raise ValueError(f"{path}: {what} holds non-numeric values ({values.dtype})")
+        return f"{what} holds non-numeric values ({values.dtype})"
     if values.dtype.kind == "f":
         bad = np.count_nonzero(~np.isfinite(values))
         if bad:
-            raise ValueError(f"{path}: {bad} non-finite counts (NaN or inf) in {what}")
+            return f"{bad} non-finite counts (NaN or inf) in {what}"
     bad = np.count_nonzero(values < 0)
     if bad:
-        raise ValueError(f"{path}: {bad} negative counts in {what}")
+        return f"{bad} negative counts in {what}"
     if values.dtype.kind == "f":
         bad = np.count_nonzero(values != np.round(values))
         if bad:
-            raise ValueError(f"{path}: {bad} non-integer counts in {what} (raw counts expected, "
-                             "not normalised or log data)")
+            return f"{bad} non-integer counts in {what} (raw counts expected, not normalised or log data)"
+    return None
 
 
 def _encode_labels(values, names):
@@ -269,8 +300,12 @@ def _h5_reader(f, path):
         return _read_h5ad
     if "X" in f:
         return _read_xy
+    if isinstance(f.get("matrix"), h5py.Group) or (
+            len(f) and all(isinstance(g, h5py.Group) and "barcodes" in g and "genes" in g for g in f.values())):
+        return _read_cellranger
     keys = ", ".join(list(f)[:8])
-    raise ValueError(f"{path}: unknown HDF5 layout (keys: {keys}; expected X and Y, exprs, or AnnData)")
+    raise ValueError(f"{path}: unknown HDF5 layout (keys: {keys}; expected X and Y, exprs, AnnData "
+                     "or a Cell Ranger matrix)")
 
 
 def _read_xy(f, path, label_key):
@@ -283,7 +318,7 @@ def _read_xy(f, path, label_key):
     names = _strings(_values(f["cell_types"], path)) if "cell_types" in f else None
     genes = _first_strings(f, ("genes", "gene_names", "var_names"), path)
     cells = _first_strings(f, ("cells", "cell_names", "obs_names", "barcodes"), path)
-    return x, "X", labels, names, genes, cells
+    return _Parts(x, "X", labels, names, genes, cells)
 
 
 def _read_exprs(f, path, label_key):
@@ -293,7 +328,7 @@ def _read_exprs(f, path, label_key):
     if "obs" in f:
         labels, names = _obs_labels(f["obs"], path, label_key, ("cell_type1",) + LABEL_KEYS)
     genes, cells = _first_strings(f, ("var_names",), path), _first_strings(f, ("obs_names",), path)
-    return x, "exprs", labels, names, genes, cells
+    return _Parts(x, "exprs", labels, names, genes, cells)
 
 
 def _read_h5ad(f, path, label_key):
@@ -302,7 +337,76 @@ def _read_h5ad(f, path, label_key):
         raise ValueError(f"{path}: obs is a compound table (anndata < 0.7); save the file again with anndata")
     x = _read_matrix(f["X"], path, "X")
     labels, names = _obs_labels(f["obs"], path, label_key, LABEL_KEYS)
-    return x, "X", labels, names, _frame_index(f.get("var"), path), _frame_index(f["obs"], path)
+    return _Parts(x, "X", labels, names, _frame_index(f.get("var"), path), _frame_index(f["obs"], path))
+
+
+def _read_cellranger(f, path, label_key):
+    """Layout (f), Cell Ranger's HDF5 feature-barcode matrix: the Gene Expression features of
+    every cell (barcode). It holds no labels (they come from a label file)."""
+    if label_key is not None:
+        raise ValueError(f"{path}: a Cell Ranger matrix holds no labels ({label_key}); give them "
+                         "in a label file")
+    if isinstance(f.get("matrix"), h5py.Group):
+        x, genes, cells, notes = _cellranger_v3(f["matrix"], path)
+    else:
+        x, genes, cells, notes = _cellranger_v2(f, path)
+    return _Parts(x, "matrix", genes=genes, cells=cells, fixed=True, notes=notes)
+
+
+def _cellranger_v3(group, path):
+    """Cell Ranger >= 3: group matrix with barcodes and features/{id, name, feature_type, genome};
+    features of other types (Antibody Capture, CRISPR Guide Capture, ...) are set aside, in one note.
+    -> (x cells x genes, gene names, barcodes, notes)"""
+    _require(group, ("barcodes", "features/name", "features/feature_type"), path)
+    x = _cellranger_counts(group, path)
+    names = _strings(_values(group["features/name"], path))
+    types = _strings(_values(group["features/feature_type"], path))
+    if len(types) != x.shape[1]:
+        raise ValueError(f"{path}: {len(types)} features for the {x.shape[1]} rows of {group.name}")
+    keep = types == "Gene Expression"
+    if not keep.any():
+        raise ValueError(f"{path}: no Gene Expression features (it holds {_tally(types)})")
+    notes = []
+    if not keep.all():
+        notes.append(f"{path}: kept the {keep.sum()} Gene Expression features; set aside "
+                     f"{_tally(types[~keep])}")
+        x = x[:, np.flatnonzero(keep)]
+    return x, names[keep], _strings(_values(group["barcodes"], path)), notes
+
+
+def _cellranger_v2(f, path):
+    """Cell Ranger 2: one group per genome (/mm10, /GRCh38) with barcodes, genes (ids) and
+    gene_names; several genomes of the same cells are joined, gene after gene -> as _cellranger_v3."""
+    parts = []
+    for genome in f.values():
+        _require(genome, ("barcodes", "gene_names"), path)
+        parts.append((_cellranger_counts(genome, path), _strings(_values(genome["gene_names"], path)),
+                      _strings(_values(genome["barcodes"], path))))
+    cells = parts[0][2]
+    if any(not np.array_equal(barcodes, cells) for _, _, barcodes in parts[1:]):
+        raise ValueError(f"{path}: its genomes ({', '.join(f)}) hold different barcodes; expected one "
+                         "genome, or several of the same cells")
+    return (sp.hstack([x for x, _, _ in parts], format="csr"), np.concatenate([g for _, g, _ in parts]),
+            cells, [])
+
+
+def _cellranger_counts(group, path):
+    """A Cell Ranger matrix group (data, indices, indptr, shape: genes x cells, stored by cell, so
+    CSC) -> CSR cells x genes."""
+    return _read_sparse_group(group, path, group.name.lstrip("/"), fmt="csc").T.tocsr()
+
+
+def _tally(values):
+    """How many of each value: '31 Antibody Capture, 5 CRISPR Guide Capture'."""
+    kinds, counts = np.unique(values, return_counts=True)
+    return ", ".join(f"{c} {k}" for k, c in zip(kinds, counts))
+
+
+def _require(group, keys, path):
+    """Raise a one-line ValueError naming the first of keys (paths inside group) that it lacks."""
+    missing = next((key for key in keys if key not in group), None)
+    if missing:
+        raise ValueError(f"{path}: {group.name.rstrip('/')}/{missing} is missing")
 
 
 def _first_strings(f, keys, path):
@@ -344,7 +448,7 @@ def _obs_labels(obs, path, label_key, default_keys):
 def _read_matrix(item, path, what):
     """A dense HDF5 dataset or a CSR/CSC group -> CSR, in the stored orientation."""
     if isinstance(item, h5py.Group):
-        return _read_sparse_group(item, path, what)
+        return _read_sparse_group(item, path, what).tocsr()
     if not isinstance(item, h5py.Dataset):
         raise ValueError(f"{path}: {what} is neither a matrix nor a sparse matrix group")
     if item.dtype.kind not in "biuf":
@@ -358,11 +462,12 @@ def _read_matrix(item, path, what):
     return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(item.shape, dtype=item.dtype)
 
 
-def _read_sparse_group(group, path, what):
-    """A CSR or CSC group (data, indices, indptr, shape as attribute or dataset) -> checked CSR."""
+def _read_sparse_group(group, path, what, fmt=None):
+    """A CSR or CSC group (data, indices, indptr, shape as attribute or dataset) -> checked
+    scipy CSR or CSC matrix; fmt ("csc", "csr") when the group does not say."""
     if not all(k in group for k in ("data", "indices", "indptr")):
         raise ValueError(f"{path}: group {what} is not a sparse matrix (needs data, indices, indptr)")
-    fmt = group.attrs.get("encoding-type", group.attrs.get("h5sparse_format", "csr"))
+    fmt = fmt or group.attrs.get("encoding-type", group.attrs.get("h5sparse_format", "csr"))
     fmt = (fmt.decode() if isinstance(fmt, bytes) else str(fmt))[:3].upper()
     shape = group.attrs.get("shape", group.attrs.get("h5sparse_shape"))
     if shape is None and "shape" in group:
@@ -392,7 +497,7 @@ def _read_sparse_group(group, path, what):
     if problem:
         raise ValueError(f"{path}: inconsistent {fmt} group {what}: {problem}")
     if fmt == "CSC":
-        return sp.csc_matrix((data, indices, indptr), shape=shape).tocsr()
+        return sp.csc_matrix((data, indices, indptr), shape=shape)
     return sp.csr_matrix((data, indices, indptr), shape=shape)
 
 
@@ -429,7 +534,7 @@ def _read_10x(path):
     genes = np.array([r[1] if len(r) > 1 else r[0] for r in _read_lines(features)]) if features else None
     if cells is None or len(cells) != m.shape[0] or len(cells) == m.shape[1]:
         m = m.T.tocsr()  # 10x writes genes x cells; a cells x genes file is told apart by its barcodes
-    return m, mtx.name, None, None, genes, cells
+    return _Parts(m, mtx.name, genes=genes, cells=cells, fixed=True)
 
 
 def _find(folder, names):
@@ -459,7 +564,7 @@ def _read_text(path):
     if any(b.shape[1] != n_genes for b in blocks) or len(header) not in (n_genes, n_genes + 1):
         raise ValueError(f"{path}: header has {len(header)} fields for {n_genes} genes per row")
     genes = np.array(header[-n_genes:])
-    return sp.vstack(blocks, format="csr"), path.name, None, None, genes, np.array(cells)
+    return _Parts(sp.vstack(blocks, format="csr"), path.name, genes=genes, cells=np.array(cells))
 
 
 def _parse_rows(rows, first_line, path):

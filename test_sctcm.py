@@ -241,6 +241,87 @@ def test_load_reads_a_dense_matrix_in_blocks(tmp_path, monkeypatch, chunks):
     _assert_same(datasets.load(path), x, labels)
 
 
+def _barcodes(n, seed=0):
+    """n distinct 10x-style cell barcodes: 16 bases and a GEM well suffix."""
+    rng = np.random.default_rng(seed)
+    return np.array(["".join(rng.choice(list("ACGT"), 16)) + "-1" for _ in range(n)])
+
+
+def _write_xy(path, x, labels=None, genes=None, cells=None):
+    """The toy data in the X/Y layout, the reference every other layout is compared with."""
+    arrays = dict(X=x, Y=None if labels is None else _strings(labels),
+                  genes=None if genes is None else _strings(genes),
+                  cells=None if cells is None else _strings(cells))
+    return _write(path, **{key: value for key, value in arrays.items() if value is not None})
+
+
+def _assert_same_as_xy(ds, tmp_path, x, labels=None, genes=None, cells=None):
+    """ds holds what the same counts, names and labels give in the X/Y layout."""
+    ref = datasets.load(_write_xy(tmp_path / "reference.h5", x, labels, genes, cells))
+    assert sp.isspmatrix_csr(ds.counts) and ds.counts.dtype == np.float32
+    assert (ds.counts != ref.counts).nnz == 0 and ds.counts.shape == ref.counts.shape
+    np.testing.assert_array_equal(ds.gene_names, ref.gene_names)
+    np.testing.assert_array_equal(ds.cell_names, ref.cell_names)
+    if labels is None:
+        assert ds.labels is None
+    else:
+        np.testing.assert_array_equal(ds.label_names[ds.labels], ref.label_names[ref.labels])
+
+
+def _write_cellranger(path, x, genes, barcodes, version=3, other=()):
+    """Counts (cells x genes) as Cell Ranger writes filtered_feature_bc_matrix.h5: v3 and later,
+    group matrix (genes x cells by column: CSC), features/{_all_tag_keys, feature_type, genome,
+    id, name}; v2 (filtered_gene_bc_matrices_h5.h5), one group per genome with genes and
+    gene_names. other: (name, type, counts per cell) features of another modality, appended."""
+    names, types = list(genes), ["Gene Expression"] * len(genes)
+    for name, kind, column in other:
+        x = np.column_stack([x, column])
+        names.append(name)
+        types.append(kind)
+    m = sp.csc_matrix(np.asarray(x).T)  # genes x cells, one column (indptr entry) per cell
+    with h5py.File(path, "w") as f:
+        f.attrs["filetype"], f.attrs["version"] = "matrix", 2
+        group = f.create_group("matrix" if version == 3 else "mm10")
+        group.create_dataset("barcodes", data=_strings(barcodes))
+        group.create_dataset("data", data=m.data.astype(np.int32), compression="gzip")
+        group.create_dataset("indices", data=m.indices.astype(np.int64), compression="gzip")
+        group.create_dataset("indptr", data=m.indptr.astype(np.int64))
+        group.create_dataset("shape", data=np.array(m.shape, dtype=np.int32))
+        ids = _strings([f"ENSMUSG{j:011d}" for j in range(len(names))])
+        if version == 2:
+            group.create_dataset("genes", data=ids)
+            group.create_dataset("gene_names", data=_strings(names))
+            return path
+        features = group.create_group("features")
+        features.create_dataset("_all_tag_keys", data=_strings(["genome"]))
+        features.create_dataset("feature_type", data=_strings(types))
+        features.create_dataset("genome", data=_strings(["mm10"] * len(names)))
+        features.create_dataset("id", data=ids)
+        features.create_dataset("name", data=_strings(names))
+    return path
+
+
+@pytest.mark.parametrize("version", [3, 2])
+def test_load_cellranger_h5(tmp_path, version):
+    x, _ = _toy()
+    genes, cells = [f"Gene{j}" for j in range(x.shape[1])], _barcodes(len(x))
+    ds = datasets.load(_write_cellranger(tmp_path / "filtered.h5", x, genes, cells, version))
+    _assert_same_as_xy(ds, tmp_path, x, genes=genes, cells=cells)
+    assert ds.notes == [] and ds.name == "filtered"
+
+
+def test_load_cellranger_h5_keeps_gene_expression_and_counts_the_rest(tmp_path):
+    x, _ = _toy()
+    genes, cells = [f"Gene{j}" for j in range(x.shape[1])], _barcodes(len(x))
+    other = [("CD3_TotalSeqB", "Antibody Capture", np.arange(30)),
+             ("CD4_TotalSeqB", "Antibody Capture", np.arange(30) % 7),
+             ("sgRNA1", "CRISPR Guide Capture", np.ones(30, int))]
+    ds = datasets.load(_write_cellranger(tmp_path / "multi.h5", x, genes, cells, other=other))
+    _assert_same_as_xy(ds, tmp_path, x, genes=genes, cells=cells)
+    assert ds.notes == [f"{tmp_path / 'multi.h5'}: kept the 12 Gene Expression features; set aside "
+                        "2 Antibody Capture, 1 CRISPR Guide Capture"]
+
+
 def test_preprocess_by_hand():
     # cell 2 and gene 3 are all zero; library sizes of the others: 2, 4, 12 -> median 4
     counts = np.array([[1, 0, 1, 0],
@@ -1963,6 +2044,41 @@ def test_unreadable_file_is_one_line(capsys, tmp_path, name, write, message):
     assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3"))
     with pytest.raises(ValueError, match=message):  # the same line from the Python API
         datasets.load(tmp_path / name)
+
+
+def _cellranger_toy(path, change=None):
+    """The toy counts as a Cell Ranger v3 file, then change(file) applied to it."""
+    x, _ = _toy()
+    _write_cellranger(path, x, [f"Gene{j}" for j in range(12)], _barcodes(30))
+    if change:
+        with h5py.File(path, "r+") as f:
+            change(f)
+
+
+def _only_antibodies(f):
+    del f["matrix/features/feature_type"]
+    f["matrix/features/feature_type"] = _strings(["Antibody Capture"] * 12)
+
+
+BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one line says)
+    ("cut_cellranger.h5", lambda p: (_cellranger_toy(p), p.write_bytes(_half(p.read_bytes()))), [], {},
+     r"cut_cellranger\.h5: truncated"),
+    ("antibodies.h5", lambda p: _cellranger_toy(p, _only_antibodies), [], {},
+     r"antibodies\.h5: no Gene Expression features \(it holds 12 Antibody Capture\)"),
+    ("no_barcodes.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("barcodes")), [], {},
+     r"no_barcodes\.h5: /matrix/barcodes is missing"),
+    ("no_names.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("features/name")), [], {},
+     r"no_names\.h5: /matrix/features/name is missing"),
+]
+
+
+@pytest.mark.parametrize("name, write, flags, keywords, message", BAD_LAYOUTS,
+                         ids=[b[0] for b in BAD_LAYOUTS])
+def test_bad_file_of_a_new_layout_is_one_line(capsys, tmp_path, name, write, flags, keywords, message):
+    write(tmp_path / name)
+    assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3", *flags))
+    with pytest.raises(ValueError, match=message):
+        datasets.load(tmp_path / name, **keywords)
 
 
 def test_file_without_read_permission_is_one_line(capsys, tmp_path, monkeypatch):
