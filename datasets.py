@@ -2,11 +2,15 @@
 
     file -> load() -> Dataset -> preprocess() -> Prepared -> knn_graph(Prepared.x) -> A (sctcm.fit)
 
-load() detects six layouts (DESIGN.md):
+load() detects seven layouts (DESIGN.md):
   (a) HDF5 with X (counts, dense or a CSR group) and Y (labels): the scDeepCluster/scDCC files;
   (b) HDF5 with exprs (dense or CSR group), obs/cell_type1, obs_names, var_names: the files of the
       scTCM paper (scziDesk's layout);
-  (c) AnnData .h5ad: X dense or a CSR/CSC group, labels from an obs column;
+  (c) AnnData .h5ad: X dense or a CSR/CSC group (encoding-type csr_matrix / csc_matrix, shape
+      attribute), labels from an obs column, names from the _index of obs and var. The raw counts
+      may sit elsewhere: layers/NAME (a matrix of X's shape), or raw/X with raw/var's names (raw/X
+      may hold more genes than X); without a layer asked for, X when it holds counts, else
+      layers/counts when that does (in a note);
   (d) a 10x folder: matrix.mtx[.gz] (genes x cells), barcodes.tsv[.gz], features.tsv[.gz]/genes.tsv;
   (e) CSV/TSV[.gz]: a header of gene names, then one row per cell, its name first;
   (f) Cell Ranger's HDF5 feature-barcode matrix (filtered_feature_bc_matrix.h5), strings as
@@ -15,7 +19,11 @@ load() detects six layouts (DESIGN.md):
       names), features/name (gene names) and features/feature_type: only "Gene Expression" rows
       are kept (Antibody Capture, CRISPR Guide Capture, ... are counted in a note); features/id
       and genome are not read. v2 (filtered_gene_bc_matrices_h5.h5): one group per genome
-      (/mm10) with the same matrix datasets, barcodes, genes (ids, not read) and gene_names.
+      (/mm10) with the same matrix datasets, barcodes, genes (ids, not read) and gene_names;
+  (g) loom (loom 3 spec, .loom): matrix, genes x cells, dense (chunked, gzip: read in blocks),
+      or layers/NAME of its shape when asked for; row_attrs/Gene (else Accession) gene names,
+      col_attrs/CellID cell names, labels from a col_attrs column (LOOM_LABEL_KEYS);
+      attrs/LOOM_SPEC_VERSION, col_graphs and row_graphs are not read.
 
 References:
   Mrabah, Amar, Bouguessa, Diallo, "Toward Convex Manifolds: A Geometric Perspective for Deep Graph
@@ -45,9 +53,10 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 LABEL_KEYS = ("cell_type", "celltype", "cell_type1", "CellType", "cell_types", "labels", "label")
+LOOM_LABEL_KEYS = LABEL_KEYS + ("ClusterName",)  # loompy's (and the Linnarsson lab atlases') cluster names
 BLOCK_ENTRIES = 1 << 22  # a dense matrix is read this many entries at a time and kept as CSR
 MISSING_LABELS = ("", "na", "nan", "n/a", "none")  # label strings that mean "no label", in any case
-FILE_SUFFIXES = (".h5", ".h5ad", ".hdf5", ".mtx", ".csv", ".tsv", ".txt", ".gz")
+FILE_SUFFIXES = (".h5", ".h5ad", ".hdf5", ".loom", ".mtx", ".csv", ".tsv", ".txt", ".gz")
 READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError)  # what reading a bad file raises
 
 
@@ -95,11 +104,14 @@ class _Parts:
 # ---------------------------------------------------------------- load
 
 
-def load(path, label_key=None):
-    """Read a count matrix and its labels from any of the six layouts -> Dataset (cells x genes).
+def load(path, label_key=None, layer=None):
+    """Read a count matrix and its labels from any of the seven layouts -> Dataset (cells x genes).
 
-    label_key: the obs column (h5ad, paper layout) or dataset (X/Y layout) holding the labels;
-    by default Y, cell_type1, or the first of LABEL_KEYS present. Counts are checked (numeric,
+    label_key: the obs column (h5ad, paper layout), col_attrs column (loom) or dataset (X/Y
+    layout) holding the labels; by default Y, cell_type1, or the first of LABEL_KEYS (loom:
+    LOOM_LABEL_KEYS) present. layer (AnnData, loom): where the raw counts are, a key of layers or
+    "raw" (AnnData's raw/X); by default X (loom: matrix), or layers/counts when only that holds
+    counts (see _pick_counts). Counts are checked (numeric,
     finite, non-negative, whole numbers) and kept as CSR float32. A matrix whose second axis
     matches the labels or cell names is transposed, and Dataset.notes says so in one line.
     Missing labels (see _encode_labels) become -1. A file that cannot be read (empty, truncated,
@@ -114,16 +126,18 @@ def load(path, label_key=None):
     hdf5 = path.is_file() and _is_hdf5(path)
     if label_key is not None and not hdf5:
         raise ValueError(f"{path}: a label key ({label_key}) is for HDF5 files; this one has no labels")
+    if layer is not None and not hdf5:
+        raise ValueError(f"{path}: a layer ({layer}) is for AnnData and loom files; this one has none")
     if path.is_dir() or path.name.endswith((".mtx", ".mtx.gz")):
         parts = _read_10x(path)
     elif hdf5:
-        parts = _read_hdf5(path, label_key)
-    elif path.suffix.lower() in (".h5", ".h5ad", ".hdf5"):
+        parts = _read_hdf5(path, label_key, layer)
+    elif path.suffix.lower() in (".h5", ".h5ad", ".hdf5", ".loom"):
         raise ValueError(f"{path}: not an HDF5 file (damaged, or another format under an HDF5 name)")
     elif path.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt")):
         parts = _read_text(path)
     else:
-        raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad, a 10x folder, or .csv/.tsv)")
+        raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad/.loom, a 10x folder, or .csv/.tsv)")
     return _assemble(path, parts)
 
 
@@ -285,27 +299,34 @@ def _is_hdf5(path):
         return h5py.is_hdf5(path)
 
 
-def _read_hdf5(path, label_key):
-    """Layouts (a)-(c). h5py reports damaged metadata as OSError, and some of it as RuntimeError
-    or KeyError (an object whose header cannot be read)."""
+def _read_hdf5(path, label_key, layer):
+    """Layouts (a)-(c), (f), (g). h5py reports damaged metadata as OSError, and some of it as
+    RuntimeError or KeyError (an object whose header cannot be read)."""
     with _reading(path, READ_ERRORS + (RuntimeError, KeyError)), h5py.File(path, "r") as f:
-        return _h5_reader(f, path)(f, path, label_key)
+        reader = _h5_reader(f, path)
+        if reader in (_read_h5ad, _read_loom):
+            return reader(f, path, label_key, layer)
+        if layer is not None:
+            raise ValueError(f"{path}: a layer ({layer}) is for AnnData and loom files; this one has none")
+        return reader(f, path, label_key)
 
 
 def _h5_reader(f, path):
     """Pick the reader of an open HDF5 file from its top-level keys."""
     if "exprs" in f:
         return _read_exprs
-    if "X" in f and "obs" in f and "Y" not in f:
+    if "obs" in f and ("X" in f or "layers" in f) and "Y" not in f:
         return _read_h5ad
     if "X" in f:
         return _read_xy
+    if isinstance(f.get("row_attrs"), h5py.Group) or isinstance(f.get("col_attrs"), h5py.Group):
+        return _read_loom
     if isinstance(f.get("matrix"), h5py.Group) or (
             len(f) and all(isinstance(g, h5py.Group) and "barcodes" in g and "genes" in g for g in f.values())):
         return _read_cellranger
     keys = ", ".join(list(f)[:8])
-    raise ValueError(f"{path}: unknown HDF5 layout (keys: {keys}; expected X and Y, exprs, AnnData "
-                     "or a Cell Ranger matrix)")
+    raise ValueError(f"{path}: unknown HDF5 layout (keys: {keys}; expected X and Y, exprs, AnnData, "
+                     "a Cell Ranger matrix or loom)")
 
 
 def _read_xy(f, path, label_key):
@@ -331,13 +352,55 @@ def _read_exprs(f, path, label_key):
     return _Parts(x, "exprs", labels, names, genes, cells)
 
 
-def _read_h5ad(f, path, label_key):
-    """Layout (c), AnnData: X, obs (index + columns), var (index = gene names)."""
+def _read_h5ad(f, path, label_key, layer):
+    """Layout (c), AnnData: X or a layer (_pick_counts), obs (index + columns), var (index = gene
+    names; raw/var for raw/X, which may hold more genes than X)."""
     if not isinstance(f["obs"], h5py.Group):
         raise ValueError(f"{path}: obs is a compound table (anndata < 0.7); save the file again with anndata")
-    x = _read_matrix(f["X"], path, "X")
+    x, key, notes = _pick_counts(f, path, "X", layer, {"raw": "raw/X"})
     labels, names = _obs_labels(f["obs"], path, label_key, LABEL_KEYS)
-    return _Parts(x, "X", labels, names, _frame_index(f.get("var"), path), _frame_index(f["obs"], path))
+    var = f.get("raw/var") if key == "raw/X" else f.get("var")
+    return _Parts(x, key, labels, names, _frame_index(var, path), _frame_index(f["obs"], path), notes=notes)
+
+
+def _read_loom(f, path, label_key, layer):
+    """Layout (g), loom: matrix or a layer (_pick_counts), genes x cells; gene names in
+    row_attrs/Gene (else Accession), cell names in col_attrs/CellID, labels in a col_attrs column."""
+    _require(f, ("matrix", "row_attrs", "col_attrs"), path)
+    x, key, notes = _pick_counts(f, path, "matrix", layer, {})
+    labels, names = _obs_labels(f["col_attrs"], path, label_key, LOOM_LABEL_KEYS)
+    genes = _first_strings(f["row_attrs"], ("Gene", "Accession"), path)
+    cells = _first_strings(f["col_attrs"], ("CellID",), path)
+    return _Parts(x.T.tocsr(), key, labels, names, genes, cells, fixed=True, notes=notes)
+
+
+def _pick_counts(f, path, main, layer, extra):
+    """The raw counts of an AnnData or loom file, as stored -> (CSR x, its key, notes).
+
+    layer: a key of the group layers, or of extra (AnnData: {"raw": "raw/X"}). Without one: main
+    (X, matrix) when it holds raw counts; else layers/counts when that does (where scvi-tools
+    keeps them), and a note says so; else a one-line error that lists the layers to choose from."""
+    layers = list(f["layers"]) if isinstance(f.get("layers"), h5py.Group) else []
+    choices = layers + [name for name, key in extra.items() if key in f]
+    if layer is not None:
+        if layer not in choices:
+            raise ValueError(f"{path}: no layer '{layer}' (it has {', '.join(choices) or 'none'})")
+        key = extra.get(layer, f"layers/{layer}")
+        return _read_matrix(f[key], path, key), key, []
+    if main in f:
+        x = _read_matrix(f[main], path, main)
+        problem = _count_problem(x.data, main)
+        if problem is None:
+            return x, main, []
+        del x  # before the counts layer is read: the two may not fit in memory together
+    else:
+        problem = f"no {main}"
+    if "counts" in layers:
+        x = _read_matrix(f["layers/counts"], path, "layers/counts")
+        if _count_problem(x.data, "layers/counts") is None:
+            return x, "layers/counts", [f"{path}: {problem}; read the raw counts in layers/counts"]
+    raise ValueError(f"{path}: {problem}; --layer NAME reads the raw counts from one of its layers "
+                     f"({', '.join(choices) or 'it has none'})")
 
 
 def _read_cellranger(f, path, label_key):
@@ -426,7 +489,8 @@ def _frame_index(frame, path):
 
 
 def _obs_labels(obs, path, label_key, default_keys):
-    """Labels from an obs column -> (codes or strings, category names or None).
+    """Labels from an obs column (loom: a col_attrs column) -> (codes or strings, category names
+    or None).
 
     Categoricals are a group with categories + codes (anndata >= 0.8), or integer codes with their
     categories in obs/__categories/<column> (older anndata)."""
@@ -434,11 +498,13 @@ def _obs_labels(obs, path, label_key, default_keys):
     if key is None:
         return None, None
     if key not in obs:
-        raise ValueError(f"{path}: no obs column '{key}' (columns: {', '.join(list(obs)[:12])})")
+        raise ValueError(f"{path}: no {obs.name.lstrip('/')} column '{key}' "
+                         f"(columns: {', '.join(list(obs)[:12])})")
     column = obs[key]
     if isinstance(column, h5py.Group):
         if "codes" not in column or "categories" not in column:
-            raise ValueError(f"{path}: obs column '{key}' is neither categorical nor a plain array")
+            raise ValueError(f"{path}: {obs.name.lstrip('/')} column '{key}' is neither categorical "
+                             "nor a plain array")
         return _values(column["codes"], path), _strings(_values(column["categories"], path))
     if "__categories" in obs and key in obs["__categories"]:
         return _values(column, path), _strings(_values(obs["__categories"][key], path))

@@ -1029,7 +1029,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser():
     parser = _Parser(description="scTCM deep graph clustering of a scRNA-seq count matrix.")
-    parser.add_argument("path", nargs="?", help="count matrix: .h5, .h5ad, 10x folder, CSV/TSV")
+    parser.add_argument("path", nargs="?", help="count matrix: .h5 (X/Y, exprs, Cell Ranger), .h5ad, "
+                        ".loom, 10x folder, CSV/TSV")
     parser.add_argument("--clusters", type=int, help="K, the number of clusters, >= 2 (required "
                         "for a file; labels in the file are used for scoring only)")
     parser.add_argument("--demo", action="store_true", help="run on datasets.synthetic()")
@@ -1037,7 +1038,11 @@ def _parser():
                         "or be empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder once the run has finished")
-    parser.add_argument("--label-key", help="obs column holding the labels of an .h5ad file")
+    parser.add_argument("--label-key", help="obs column (.h5ad), col_attrs column (.loom) or dataset "
+                        "(X/Y .h5) holding the labels")
+    parser.add_argument("--layer", help="where an .h5ad or .loom file keeps its raw counts: a key of "
+                        "its layers, or raw (.h5ad raw/X); default X (loom: matrix), else "
+                        "layers/counts")
     parser.add_argument("--plot", action="store_true", help="also draw fig2.png, embedding.png "
                         "and losses.png (needs matplotlib, an optional extra)")
     helps = _field_help()
@@ -1104,8 +1109,9 @@ def _inputs(args, config):
     _check_settings(args.clusters, config)
     if args.demo == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
-    if args.demo and args.label_key is not None:
-        raise ValueError("--label-key names a label column of a file; --demo has none")
+    for flag, value in (("--label-key", args.label_key), ("--layer", args.layer)):
+        if args.demo and value is not None:
+            raise ValueError(f"{flag} is about a file's contents; --demo reads no file")
     _check_out(Path(args.out), args.overwrite)
     if args.demo:
         dataset = datasets.synthetic()
@@ -1113,7 +1119,7 @@ def _inputs(args, config):
     else:
         if args.clusters is None:
             raise ValueError("--clusters K is required with a file")
-        dataset = datasets.load(args.path, label_key=args.label_key)
+        dataset = datasets.load(args.path, label_key=args.label_key, layer=args.layer)
         k = args.clusters
     prepared, adjacency = _prepare(dataset, k, config)
     return dataset, prepared, adjacency, k

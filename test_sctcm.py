@@ -61,19 +61,25 @@ def _write_csr_group(group, x):
     group.create_dataset("shape", data=np.array(m.shape))
 
 
+def _write_anndata_matrix(parent, key, x, fmt="csr"):
+    """x as anndata writes a matrix: dense, or a group with encoding-type csr_matrix / csc_matrix
+    and a shape attribute."""
+    if fmt == "dense":
+        parent.create_dataset(key, data=x.astype(np.float32))
+        return
+    m = sp.csr_matrix(x, dtype=np.float32) if fmt == "csr" else sp.csc_matrix(x, dtype=np.float32)
+    g = parent.create_group(key)
+    g.attrs["encoding-type"], g.attrs["encoding-version"] = f"{fmt}_matrix", "0.1.0"
+    g.attrs["shape"] = m.shape
+    for name in ("data", "indices", "indptr"):
+        g.create_dataset(name, data=getattr(m, name))
+
+
 def _write_h5ad(path, x, labels, fmt="csr", categorical="codes"):
     """An AnnData-style file: X (dense / CSR / CSC group), obs with a categorical cell_type, var."""
     with h5py.File(path, "w") as f:
         f.attrs["encoding-type"] = "anndata"
-        if fmt == "dense":
-            f.create_dataset("X", data=x.astype(np.float32))
-        else:
-            m = sp.csr_matrix(x, dtype=np.float32) if fmt == "csr" else sp.csc_matrix(x, dtype=np.float32)
-            g = f.create_group("X")
-            g.attrs["encoding-type"] = f"{fmt}_matrix"
-            g.attrs["shape"] = m.shape
-            for key in ("data", "indices", "indptr"):
-                g.create_dataset(key, data=getattr(m, key))
+        _write_anndata_matrix(f, "X", x, fmt)
         categories, codes = np.unique(labels, return_inverse=True)
         obs = f.create_group("obs")
         obs.attrs["_index"] = "_index"
@@ -320,6 +326,104 @@ def test_load_cellranger_h5_keeps_gene_expression_and_counts_the_rest(tmp_path):
     _assert_same_as_xy(ds, tmp_path, x, genes=genes, cells=cells)
     assert ds.notes == [f"{tmp_path / 'multi.h5'}: kept the 12 Gene Expression features; set aside "
                         "2 Antibody Capture, 1 CRISPR Guide Capture"]
+
+
+def _normalised(x):
+    """What X holds after scanpy's normalize_total (to 10,000) and log1p."""
+    return np.log1p(x / x.sum(1, keepdims=True) * 1e4).astype(np.float32)
+
+
+def _write_processed_h5ad(path, x, labels, counts_in="layers", more_genes=None):
+    """An .h5ad saved after normalize_total and log1p: X normalised; the raw counts x kept in
+    layers["counts"] (scvi-tools' convention) or in .raw (raw/X, raw/var), where raw can hold
+    more genes than X (more_genes: their counts, the columns after x's)."""
+    _write_h5ad(path, _normalised(x), labels)
+    with h5py.File(path, "r+") as f:
+        layers = f.require_group("layers")
+        layers.attrs["encoding-type"], layers.attrs["encoding-version"] = "dict", "0.1.0"
+        _write_anndata_matrix(layers, "lognorm", _normalised(x))
+        if counts_in == "layers":
+            _write_anndata_matrix(layers, "counts", x)
+            return path
+        raw_x = x if more_genes is None else np.hstack([x, more_genes])
+        raw = f.create_group("raw")
+        raw.attrs["encoding-type"], raw.attrs["encoding-version"] = "raw", "0.1.0"
+        _write_anndata_matrix(raw, "X", raw_x)
+        var = raw.create_group("var")
+        var.attrs["_index"], var.attrs["encoding-type"] = "_index", "dataframe"
+        var.create_dataset("_index", data=_strings([f"g{j}" for j in range(raw_x.shape[1])]))
+    return path
+
+
+def test_load_h5ad_finds_the_counts_in_layers_counts(tmp_path):
+    x, labels = _toy()
+    path = _write_processed_h5ad(tmp_path / "processed.h5ad", x, labels)
+    genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
+    ds = datasets.load(path)
+    _assert_same_as_xy(ds, tmp_path, x, labels, genes, cells)
+    fractions = np.count_nonzero(_normalised(x) % 1)
+    assert ds.notes == [f"{path}: {fractions} non-integer counts in X (raw counts expected, not "
+                        "normalised or log data); read the raw counts in layers/counts"]
+    named = datasets.load(path, layer="counts")
+    _assert_same_as_xy(named, tmp_path, x, labels, genes, cells)
+    assert named.notes == []
+
+
+def test_load_h5ad_layer_raw_reads_raw_x_and_its_genes(tmp_path):
+    x, labels = _toy()
+    extra = np.arange(60).reshape(30, 2) % 4  # raw keeps two genes that X left out
+    path = _write_processed_h5ad(tmp_path / "processed.h5ad", x, labels, "raw", extra)
+    ds = datasets.load(path, layer="raw")
+    _assert_same_as_xy(ds, tmp_path, np.hstack([x, extra]), labels, [f"g{j}" for j in range(14)],
+                       [f"c{i}" for i in range(30)])
+    assert ds.counts.shape == (30, 14) and ds.notes == []
+
+
+def _write_loom(path, x, genes, cells, labels=None, layers=None):
+    """Counts (cells x genes) as loompy 3 writes a .loom file: matrix genes x cells (gzip, chunks
+    of at most 64 x 64), attrs/LOOM_SPEC_VERSION, row_attrs (Gene, Accession), col_attrs (CellID,
+    ClusterName), layers, col_graphs, row_graphs; strings variable-length UTF-8."""
+    text = h5py.string_dtype()
+    with h5py.File(path, "w") as f:
+        f.create_group("attrs").create_dataset("LOOM_SPEC_VERSION", data="3.0.0", dtype=text)
+        chunks = (min(64, x.shape[1]), min(64, x.shape[0]))
+        f.create_dataset("matrix", data=x.T.astype(np.float32), chunks=chunks, compression="gzip")
+        group = f.create_group("layers")
+        for name, values in (layers or {}).items():
+            group.create_dataset(name, data=values.T, chunks=chunks, compression="gzip")
+        rows, cols = f.create_group("row_attrs"), f.create_group("col_attrs")
+        rows.create_dataset("Gene", data=np.array(genes, dtype=object), dtype=text)
+        rows.create_dataset("Accession", data=np.array([f"ENSG{j:011d}" for j in range(len(genes))],
+                                                       dtype=object), dtype=text)
+        cols.create_dataset("CellID", data=np.array(cells, dtype=object), dtype=text)
+        if labels is not None:
+            cols.create_dataset("ClusterName", data=np.array(labels, dtype=object), dtype=text)
+        cols.create_dataset("Clusters", data=np.unique(labels, return_inverse=True)[1] if labels is not None
+                            else np.zeros(len(cells), int))
+        f.create_group("col_graphs")
+        f.create_group("row_graphs")
+    return path
+
+
+def test_load_loom(tmp_path):
+    x, labels = _toy()
+    genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
+    path = _write_loom(tmp_path / "toy.loom", x, genes, cells, labels)
+    ds = datasets.load(path)
+    _assert_same_as_xy(ds, tmp_path, x, labels, genes, cells)
+    assert ds.notes == [] and ds.name == "toy"
+    clusters = datasets.load(path, label_key="Clusters")
+    codes = np.unique(labels, return_inverse=True)[1]
+    np.testing.assert_array_equal(clusters.label_names[clusters.labels], codes.astype(str))
+
+
+def test_load_loom_reads_a_layer_only_when_asked(tmp_path):
+    x, labels = _toy()
+    genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
+    spliced = x // 2
+    path = _write_loom(tmp_path / "velocyto.loom", x, genes, cells, labels, {"spliced": spliced})
+    _assert_same_as_xy(datasets.load(path), tmp_path, x, labels, genes, cells)
+    _assert_same_as_xy(datasets.load(path, layer="spliced"), tmp_path, spliced, labels, genes, cells)
 
 
 def test_preprocess_by_hand():
@@ -2060,6 +2164,12 @@ def _only_antibodies(f):
     f["matrix/features/feature_type"] = _strings(["Antibody Capture"] * 12)
 
 
+def _drop(path, key):
+    """Delete the object key from the HDF5 file path."""
+    with h5py.File(path, "r+") as f:
+        del f[key]
+
+
 BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one line says)
     ("cut_cellranger.h5", lambda p: (_cellranger_toy(p), p.write_bytes(_half(p.read_bytes()))), [], {},
      r"cut_cellranger\.h5: truncated"),
@@ -2069,6 +2179,20 @@ BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one 
      r"no_barcodes\.h5: /matrix/barcodes is missing"),
     ("no_names.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("features/name")), [], {},
      r"no_names\.h5: /matrix/features/name is missing"),
+    ("spliced.h5ad", lambda p: _write_processed_h5ad(p, *_toy()), ["--layer", "spliced"],
+     dict(layer="spliced"), r"spliced\.h5ad: no layer 'spliced' \(it has counts, lognorm\)"),
+    ("in_raw.h5ad", lambda p: _write_processed_h5ad(p, *_toy(), counts_in="raw"), [], {},
+     r"in_raw\.h5ad: \d+ non-integer counts in X \(raw counts expected, not normalised or log data\); "
+     r"--layer NAME reads the raw counts from one of its layers \(lognorm, raw\)"),
+    ("lognorm.h5ad", lambda p: _write_processed_h5ad(p, *_toy()), ["--layer", "lognorm"],
+     dict(layer="lognorm"), r"lognorm\.h5ad: \d+ non-integer counts in layers/lognorm"),
+    ("no_matrix.loom",
+     lambda p: _drop(_write_loom(p, _toy()[0], [f"g{j}" for j in range(12)], _barcodes(30)), "matrix"),
+     [], {}, r"no_matrix\.loom: /matrix is missing"),
+    ("xy_layer.h5", lambda p: _write(p, X=_toy()[0]), ["--layer", "counts"], dict(layer="counts"),
+     r"xy_layer\.h5: a layer \(counts\) is for AnnData and loom files"),
+    ("layer.csv", lambda p: p.write_text(_toy_csv()), ["--layer", "counts"], dict(layer="counts"),
+     r"layer\.csv: a layer \(counts\) is for AnnData and loom files"),
 ]
 
 
@@ -2148,6 +2272,7 @@ def test_settings_at_the_ends_of_their_ranges_are_accepted():
 @pytest.mark.parametrize("args, message", [
     (["--demo", "--clusters", "0"], "--clusters must be at least 2, got 0"),
     (["--demo", "--label-key", "cell_type"], "--label-key"),
+    (["--demo", "--layer", "counts"], "--layer is about a file's contents"),
     (["toy.csv", "--clusters", "3", "--label-key", "cell_type"], "toy.csv: a label key (cell_type)"),
 ])
 def test_meaningless_flags_are_refused(capsys, tmp_path, monkeypatch, args, message):
