@@ -1043,6 +1043,9 @@ def _parser():
     parser.add_argument("--layer", help="where an .h5ad or .loom file keeps its raw counts: a key of "
                         "its layers, or raw (.h5ad raw/X); default X (loom: matrix), else "
                         "layers/counts")
+    parser.add_argument("--transpose", action=argparse.BooleanOptionalAction, help="a CSV/TSV "
+                        "table or X/Y or exprs matrix lies genes x cells (--no-transpose: cells x "
+                        "genes); default: told from labels, names or the counts, and said")
     parser.add_argument("--plot", action="store_true", help="also draw fig2.png, embedding.png "
                         "and losses.png (needs matplotlib, an optional extra)")
     helps = _field_help()
@@ -1109,7 +1112,8 @@ def _inputs(args, config):
     _check_settings(args.clusters, config)
     if args.demo == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
-    for flag, value in (("--label-key", args.label_key), ("--layer", args.layer)):
+    for flag, value in (("--label-key", args.label_key), ("--layer", args.layer),
+                        ("--transpose", args.transpose)):
         if args.demo and value is not None:
             raise ValueError(f"{flag} is about a file's contents; --demo reads no file")
     _check_out(Path(args.out), args.overwrite)
@@ -1119,7 +1123,8 @@ def _inputs(args, config):
     else:
         if args.clusters is None:
             raise ValueError("--clusters K is required with a file")
-        dataset = datasets.load(args.path, label_key=args.label_key, layer=args.layer)
+        dataset = datasets.load(args.path, label_key=args.label_key, layer=args.layer,
+                                transpose=args.transpose)
         k = args.clusters
     prepared, adjacency = _prepare(dataset, k, config)
     return dataset, prepared, adjacency, k

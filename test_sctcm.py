@@ -426,6 +426,64 @@ def test_load_loom_reads_a_layer_only_when_asked(tmp_path):
     _assert_same_as_xy(datasets.load(path, layer="spliced"), tmp_path, spliced, labels, genes, cells)
 
 
+def _write_r_csv(path, table, row_names, col_names):
+    """A table as R's write.csv writes a matrix: quoted names, an empty corner cell."""
+    lines = [",".join(f'"{name}"' for name in ["", *col_names])]
+    lines += [",".join([f'"{name}"', *map(str, row)]) for name, row in zip(row_names, table)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _synthetic_counts(n_cells=240, n_genes=120):
+    """Counts whose genes differ in how often they are detected, as real genes do."""
+    data = datasets.synthetic(n_cells=n_cells, n_genes=n_genes, n_clusters=3, seed=2)
+    return np.asarray(data.counts), data.label_names[data.labels]
+
+
+ORIENTATION_EVIDENCE = [  # (counts, gene names, cell names, what the note gives as the reason)
+    (_toy()[0], [f"ENSMUSG{j:011d}" for j in range(12)], [f"cell{i}" for i in range(30)],
+     "names look like gene ids or mitochondrial genes"),
+    (_toy()[0], ["Actb", "MT-CO1", "mt-Nd4l", *[f"Gm{j}" for j in range(9)]], [f"cell{i}" for i in range(30)],
+     "names look like gene ids or mitochondrial genes"),
+    (_toy()[0], [f"Gene{j}" for j in range(12)], _barcodes(30), "names look like cell barcodes"),
+    (_synthetic_counts()[0], [f"r{j}" for j in range(120)], [f"c{i}" for i in range(240)],
+     "times wider, as genes' do"),
+]
+
+
+@pytest.mark.parametrize("x, genes, cells, reason", ORIENTATION_EVIDENCE,
+                         ids=["ensembl", "mitochondrial", "barcodes", "detection"])
+def test_load_tells_which_way_a_table_lies_and_says_so(tmp_path, x, genes, cells, reason):
+    from_r = datasets.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells))  # genes x cells
+    _assert_same_as_xy(from_r, tmp_path, x, genes=genes, cells=cells)
+    [note] = from_r.notes
+    assert note.startswith(f"{tmp_path / 'from_r.csv'}: read the rows of the table as genes and its "
+                           "columns as cells (")
+    assert reason in note and note.endswith("; --no-transpose reads them the other way")
+    as_is = datasets.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes))  # cells x genes
+    _assert_same_as_xy(as_is, tmp_path, x, genes=genes, cells=cells)
+    [note] = as_is.notes
+    assert "read the rows of the table as cells and its columns as genes" in note and reason in note
+    assert note.endswith("; --transpose reads them the other way")
+
+
+def test_load_transpose_says_which_way_a_table_lies(tmp_path):
+    x, _ = _toy()
+    genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
+    path = _write_r_csv(tmp_path / "toy.csv", x, cells, genes)
+    [note] = datasets.load(path).notes  # Poisson counts, plain names: nothing tells the axes apart
+    assert "as cells and its columns as genes (nothing tells its axes apart" in note
+    _assert_same_as_xy(datasets.load(path, transpose=False), tmp_path, x, genes=genes, cells=cells)
+    flipped = datasets.load(path, transpose=True)
+    _assert_same_as_xy(flipped, tmp_path, x.T, genes=cells, cells=genes)
+    assert flipped.notes == [] and datasets.load(path, transpose=False).notes == []
+    counts, _ = _synthetic_counts()
+    path = _write(tmp_path / "genes_by_cells.h5", X=counts.T)  # no labels, no names: the counts decide
+    ds = datasets.load(path)
+    assert ds.counts.shape == (240, 120) and "read the rows of X as genes" in ds.notes[0]
+    assert datasets.load(path, transpose=False).counts.shape == (120, 240)
+
+
 def test_preprocess_by_hand():
     # cell 2 and gene 3 are all zero; library sizes of the others: 2, 4, 12 -> median 4
     counts = np.array([[1, 0, 1, 0],
@@ -2193,6 +2251,8 @@ BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one 
      r"xy_layer\.h5: a layer \(counts\) is for AnnData and loom files"),
     ("layer.csv", lambda p: p.write_text(_toy_csv()), ["--layer", "counts"], dict(layer="counts"),
      r"layer\.csv: a layer \(counts\) is for AnnData and loom files"),
+    ("fixed.h5ad", lambda p: _write_h5ad(p, *_toy()), ["--transpose"], dict(transpose=True),
+     r"fixed\.h5ad: transpose is for CSV/TSV tables and X/Y or exprs matrices"),
 ]
 
 
@@ -2273,6 +2333,7 @@ def test_settings_at_the_ends_of_their_ranges_are_accepted():
     (["--demo", "--clusters", "0"], "--clusters must be at least 2, got 0"),
     (["--demo", "--label-key", "cell_type"], "--label-key"),
     (["--demo", "--layer", "counts"], "--layer is about a file's contents"),
+    (["--demo", "--no-transpose"], "--transpose is about a file's contents"),
     (["toy.csv", "--clusters", "3", "--label-key", "cell_type"], "toy.csv: a label key (cell_type)"),
 ])
 def test_meaningless_flags_are_refused(capsys, tmp_path, monkeypatch, args, message):
