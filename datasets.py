@@ -109,7 +109,7 @@ class _Parts:
 # ---------------------------------------------------------------- load
 
 
-def load(path, label_key=None, layer=None, transpose=None):
+def load(path, label_key=None, layer=None, transpose=None, labels=None):
     """Read a count matrix and its labels from any of the seven layouts -> Dataset (cells x genes).
 
     label_key: the obs column (h5ad, paper layout), col_attrs column (loom) or dataset (X/Y
@@ -119,7 +119,9 @@ def load(path, label_key=None, layer=None, transpose=None):
     counts (see _pick_counts). Counts are checked (numeric,
     finite, non-negative, whole numbers) and kept as CSR float32. transpose (CSV/TSV, X/Y, exprs):
     True, the file lies genes x cells; False, cells x genes; None: decided (_orientation), and
-    Dataset.notes says so in one line unless labels or names made it certain.
+    Dataset.notes says so in one line unless labels or names made it certain. labels: a label
+    file (_read_label_file), matched to the cells by name, in place of the file's own labels; then
+    label_key names its label column.
     Missing labels (see _encode_labels) become -1. A file that cannot be read (empty, truncated,
     corrupt, not permitted, ...) raises a one-line ValueError naming it, as does any bad content."""
     path = Path(path)
@@ -130,21 +132,22 @@ def load(path, label_key=None, layer=None, transpose=None):
     if path.is_dir() and path.name.lower().endswith(FILE_SUFFIXES):
         raise ValueError(f"{path}: a folder where a file is expected")
     hdf5 = path.is_file() and _is_hdf5(path)
-    if label_key is not None and not hdf5:
+    if label_key is not None and not hdf5 and labels is None:
         raise ValueError(f"{path}: a label key ({label_key}) is for HDF5 files; this one has no labels")
+    file_key = label_key if labels is None else None
     if layer is not None and not hdf5:
         raise ValueError(f"{path}: a layer ({layer}) is for AnnData and loom files; this one has none")
     if path.is_dir() or path.name.endswith((".mtx", ".mtx.gz")):
         parts = _read_10x(path)
     elif hdf5:
-        parts = _read_hdf5(path, label_key, layer)
+        parts = _read_hdf5(path, file_key, layer)
     elif path.suffix.lower() in (".h5", ".h5ad", ".hdf5", ".loom"):
         raise ValueError(f"{path}: not an HDF5 file (damaged, or another format under an HDF5 name)")
     elif path.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt")):
         parts = _read_text(path)
     else:
         raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad/.loom, a 10x folder, or .csv/.tsv)")
-    return _assemble(path, parts, transpose)
+    return _assemble(path, parts, transpose, None if labels is None else Path(labels), label_key)
 
 
 @contextmanager
@@ -179,18 +182,27 @@ def _unreadable(err):
     return f"cannot be read ({detail})"
 
 
-def _assemble(path, parts, transpose=None):
-    """Orient (transpose: see _orient), check and encode what a reader returned (_Parts) -> Dataset."""
-    x, genes, cells, notes = _orient(path, parts, transpose)
-    what = parts.what
+def _assemble(path, parts, transpose=None, label_file=None, label_key=None):
+    """Orient (transpose: see _orient), check and encode what a reader returned (_Parts), with
+    the labels of label_file (a Path, or None; label_key: its label column) -> Dataset."""
+    known = set(parts.cells if parts.cells is not None else []) | set(parts.genes if parts.table else [])
+    if label_file is not None and not known:
+        raise ValueError(f"{label_file}: the count matrix has no cell names to match this label file's with")
+    table = None if label_file is None else _read_label_file(label_file, label_key, known)
+    x, genes, cells, notes = _orient(path, parts, transpose, None if table is None else table[0])
+    what, raw_labels, names = parts.what, parts.labels, parts.names
     notes = parts.notes + notes
     n, g = x.shape
-    for kind, values, size in (("labels", parts.labels, n), ("cell names", cells, n), ("gene names", genes, g)):
+    for kind, values, size in (("labels", raw_labels, n), ("cell names", cells, n), ("gene names", genes, g)):
         if values is not None and len(values) != size:
             raise ValueError(f"{path}: {len(values)} {kind} for {n} cells x {g} genes in {what}")
+    if table is not None:
+        raw_labels, note = _labels_by_name(table, cells, label_file, raw_labels is not None)
+        names = None
+        notes.append(note)
     _check_counts(x.data, path, what)
     x.sum_duplicates()
-    labels, label_names = _encode_labels(parts.labels, parts.names)
+    labels, label_names = _encode_labels(raw_labels, names)
     return Dataset(
         counts=x.astype(np.float32),
         labels=labels,
@@ -202,31 +214,34 @@ def _assemble(path, parts, transpose=None):
     )
 
 
-def _orient(path, parts, transpose):
+def _orient(path, parts, transpose, labelled):
     """Which axis of parts.x holds the cells -> (x cells x genes, gene names, cell names, notes).
 
     A layout that fixes it (parts.fixed) is read as its reader made it. Otherwise transpose=True
-    says x is genes x cells, False cells x genes; None: _orientation decides."""
+    says x is genes x cells, False cells x genes; None: _orientation decides (labelled: the cell
+    names of a label file, or None)."""
     x, genes, cells = parts.x, parts.genes, parts.cells
     if parts.fixed:
         if transpose:
             raise ValueError(f"{path}: transpose is for CSV/TSV tables and X/Y or exprs matrices; "
                              "this layout fixes which axis holds the cells")
         return x, genes, cells, []
-    flip, note = (transpose, None) if transpose is not None else _orientation(path, parts)
+    flip, note = (transpose, None) if transpose is not None else _orientation(path, parts, labelled)
     if flip:
         x = x.T.tocsr()
         genes, cells = (cells, genes) if parts.table else (genes, cells)
     return x, genes, cells, [note] if note else []
 
 
-def _orientation(path, parts):
+def _orientation(path, parts, labelled):
     """Whether parts.x lies genes x cells -> (flip, a note or None).
 
     Certain: labels, or the cell or gene names of an HDF5 file, whose number matches one axis
     only; the first of these decides (matrices written from R, rhdf5 or writeMM of a genes x
     cells object, arrive transposed: a note says so; a number matching neither axis fails in
-    _assemble). Else _guess_orientation, in a note that says how to read it the other way."""
+    _assemble). For a table, a label file's names (labelled) that name more of its rows than of
+    its columns, or the reverse. Else _guess_orientation, in a note that says how to read it
+    the other way."""
     evidence = [("labels", parts.labels, 0)]
     if not parts.table:  # a table's row and column names say nothing of which is which
         evidence += [("cell names", parts.cells, 0), ("gene names", parts.genes, 1)]
@@ -238,6 +253,13 @@ def _orientation(path, parts):
             return True, (f"{path}: transposed {parts.what} to {shape[1]} cells x {shape[0]} genes: the "
                           f"{len(values)} {kind} match its other axis (R writes matrices genes x cells)")
         return False, None
+    if parts.table and labelled is not None:
+        in_rows, in_cols = (np.count_nonzero(np.isin(names, labelled)) for names in (parts.cells, parts.genes))
+        if in_cols > in_rows:
+            return True, (f"{path}: transposed the table to {shape[1]} cells x {shape[0]} genes: the label "
+                          "file names its columns")
+        if in_rows > in_cols:
+            return False, None
     flip, reason = _guess_orientation(parts.x, parts.cells if parts.table else None,
                                       parts.genes if parts.table else None)
     rows, cols, flag = ("genes", "cells", "--no-transpose") if flip else ("cells", "genes", "--transpose")
@@ -292,6 +314,54 @@ def _detection_spread(nonzero, size):
     """90th / 10th percentile of the detection rates (nonzero + 1) / (size + 1) of an axis."""
     low, high = np.percentile((np.asarray(nonzero) + 1) / (size + 1), [10, 90])
     return high / low
+
+
+def _read_label_file(path, key, cells):
+    """A label file: CSV/TSV[.gz] rows of (cell name, label) -> (names, labels), str arrays.
+
+    The label is the second column, or with key the column of that name in the header (more
+    columns than two need key). The first row is a header when key is given or when its first
+    field names none of cells (a set). A name listed twice keeps its last label."""
+    if not path.exists():
+        raise ValueError(f"{path}: no such label file")
+    delimiter = "," if path.name.lower().removesuffix(".gz").endswith(".csv") else "\t"
+    with _reading(path), _open_text(path) as fh:
+        rows = [row for row in csv.reader(fh, delimiter=delimiter) if row]
+    if not rows:
+        raise ValueError(f"{path}: empty label file (expected rows of cell name, label)")
+    width = len(rows[0])
+    if width < 2:
+        raise ValueError(f"{path}: one column; a label file has two, cell name and label (a .csv is "
+                         "split at commas, a .tsv or .txt at tabs)")
+    if key is None and width > 2:
+        raise ValueError(f"{path}: {width} columns ({', '.join(rows[0][:4])}, ...); name the one with "
+                         "the labels by its header (--label-key)")
+    if key is not None and key not in rows[0]:
+        raise ValueError(f"{path}: no column '{key}' in its header ({', '.join(rows[0][:8])})")
+    column = 1 if key is None else rows[0].index(key)
+    body = rows[1:] if key is not None or rows[0][0] not in cells else rows
+    short = next((row for row in body if len(row) <= column), None)
+    if short is not None or not body:
+        raise ValueError(f"{path}: no labels below its header" if not body else
+                         f"{path}: the row of {short[0]!r} has no field {column + 1} (the labels)")
+    return np.array([row[0] for row in body]), np.array([row[column] for row in body])
+
+
+def _labels_by_name(table, cells, path, replaced):
+    """The label of each cell from a label file's (names, labels) -> (labels, a note); a cell it
+    does not name gets "" (no label). replaced: the count file had labels of its own."""
+    names, values = table
+    named = np.isin(names, cells)
+    if not named.any():
+        raise ValueError(f"{path}: none of its {len(names)} names is a cell of the count matrix (its "
+                         f"first: {str(names[0])!r}; the first cell: {str(cells[0])!r})")
+    lookup = dict(zip(names, values))
+    labels = np.array([lookup.get(cell, "") for cell in cells])
+    found = sum(cell in lookup for cell in cells)
+    note = f"{path}: labels for {found} of {len(cells)} cells" + (" (not the file's own)" if replaced else "")
+    if not named.all():
+        note += f"; {np.count_nonzero(~named)} of its {len(names)} names match no cell (e.g. {str(names[~named][0])!r})"
+    return labels, note
 
 
 def _check_counts(values, path, what):

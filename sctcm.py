@@ -1039,7 +1039,9 @@ def _parser():
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder once the run has finished")
     parser.add_argument("--label-key", help="obs column (.h5ad), col_attrs column (.loom) or dataset "
-                        "(X/Y .h5) holding the labels")
+                        "(X/Y .h5) holding the labels; with --labels, the column of that file")
+    parser.add_argument("--labels", help="a CSV/TSV[.gz] of (cell name, label), with or without a "
+                        "header, for scoring only: replaces the file's labels, matched by cell name")
     parser.add_argument("--layer", help="where an .h5ad or .loom file keeps its raw counts: a key of "
                         "its layers, or raw (.h5ad raw/X); default X (loom: matrix), else "
                         "layers/counts")
@@ -1112,8 +1114,8 @@ def _inputs(args, config):
     _check_settings(args.clusters, config)
     if args.demo == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
-    for flag, value in (("--label-key", args.label_key), ("--layer", args.layer),
-                        ("--transpose", args.transpose)):
+    for flag, value in (("--label-key", args.label_key), ("--labels", args.labels),
+                        ("--layer", args.layer), ("--transpose", args.transpose)):
         if args.demo and value is not None:
             raise ValueError(f"{flag} is about a file's contents; --demo reads no file")
     _check_out(Path(args.out), args.overwrite)
@@ -1124,7 +1126,7 @@ def _inputs(args, config):
         if args.clusters is None:
             raise ValueError("--clusters K is required with a file")
         dataset = datasets.load(args.path, label_key=args.label_key, layer=args.layer,
-                                transpose=args.transpose)
+                                transpose=args.transpose, labels=args.labels)
         k = args.clusters
     prepared, adjacency = _prepare(dataset, k, config)
     return dataset, prepared, adjacency, k

@@ -484,6 +484,64 @@ def test_load_transpose_says_which_way_a_table_lies(tmp_path):
     assert datasets.load(path, transpose=False).counts.shape == (120, 240)
 
 
+def _write_label_file(path, names, labels, header=("barcode", "cell_type")):
+    """A label file as a spreadsheet or R's write.table leaves it: (cell name, label) rows, a
+    header or none, comma- or tab-separated by its suffix, gzipped when it ends in .gz."""
+    sep = "," if ".csv" in path.name else "\t"
+    rows = ([list(header)] if header else []) + [[n, y] for n, y in zip(names, labels)]
+    text = "".join(sep.join(row) + "\n" for row in rows)
+    path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("name, header", [("annotation.csv", ("barcode", "cell_type")),
+                                          ("annotation.tsv.gz", None), ("annotation.txt", ("", "type"))])
+def test_load_label_file_matches_cells_by_name(tmp_path, name, header):
+    x, labels = _toy()
+    genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
+    path = _write_cellranger(tmp_path / "filtered.h5", x, genes, cells)
+    listed = ~MISSING  # the MISSING cells have no row; two rows name cells that are not in the file
+    names = np.concatenate([cells[listed][::-1], ["TTTTTTTTTTTTTTTT-1", "GGGGGGGGGGGGGGGG-1"]])
+    values = np.concatenate([labels[listed][::-1], ["beta", "alpha"]])
+    values[0] = "NA"  # cell 28: a label written as missing
+    table = _write_label_file(tmp_path / name, names, values, header)
+    ds = datasets.load(path, labels=table)
+    expected = np.where(listed, labels, "")
+    expected[28] = ""
+    _assert_same_as_xy(ds, tmp_path, x, expected, genes, cells)
+    assert np.count_nonzero(ds.labels == -1) == 6
+    assert ds.notes == [f"{table}: labels for 25 of 30 cells; 2 of its 27 names match no cell "
+                        "(e.g. 'TTTTTTTTTTTTTTTT-1')"]
+
+
+def test_label_file_replaces_the_files_labels_and_label_key_picks_its_column(tmp_path):
+    x, labels = _toy()
+    path = tmp_path / "toy.h5ad"
+    _write_h5ad(path, x, labels)
+    batch = np.array(["b1", "b2"])[np.arange(30) % 2]
+    table = tmp_path / "obs.csv"  # what adata.obs.to_csv() writes: the index, then every column
+    table.write_text(",n_genes,batch,cell_type\n" + "".join(
+        f"c{i},{100 + i},{batch[i]},{labels[i]}\n" for i in range(30)))
+    ds = datasets.load(path, labels=table, label_key="batch")
+    np.testing.assert_array_equal(ds.label_names[ds.labels], batch)
+    assert ds.notes == [f"{table}: labels for 30 of 30 cells (not the file's own)"]
+    with pytest.raises(ValueError, match=r"obs\.csv: 4 columns \(, n_genes, batch, cell_type, \.\.\.\)"):
+        datasets.load(path, labels=table)
+
+
+def test_label_file_tells_which_way_a_table_lies(tmp_path):
+    x, labels = _toy()  # plain names, Poisson counts: only the label file can tell the axes apart
+    genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
+    table = _write_label_file(tmp_path / "labels.csv", cells, labels)
+    from_r = datasets.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells), labels=table)
+    _assert_same_as_xy(from_r, tmp_path, x, labels, genes, cells)
+    assert from_r.notes == [f"{tmp_path / 'from_r.csv'}: transposed the table to 30 cells x 12 genes: "
+                            "the label file names its columns", f"{table}: labels for 30 of 30 cells"]
+    as_is = datasets.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes), labels=table)
+    _assert_same_as_xy(as_is, tmp_path, x, labels, genes, cells)
+    assert as_is.notes == [f"{table}: labels for 30 of 30 cells"]
+
+
 def test_preprocess_by_hand():
     # cell 2 and gene 3 are all zero; library sizes of the others: 2, 4, 12 -> median 4
     counts = np.array([[1, 0, 1, 0],
@@ -1900,6 +1958,42 @@ def test_cli_label_key_chooses_the_labels_scored(tmp_path, capsys):
     assert "no obs column 'donor'" in capsys.readouterr().err
 
 
+E2E_GENES, E2E_CELLS = [f"g{j}" for j in range(60)], [f"c{i}" for i in range(120)]  # _write_h5ad's names
+E2E_LAYOUTS = {  # name: (how to write the counts x and labels y into folder d -> file, its flags)
+    "cellranger_v3": lambda d, x, y: (
+        _write_cellranger(d / "filtered_feature_bc_matrix.h5", x, E2E_GENES, E2E_CELLS),
+        ["--labels", _write_label_file(d / "annotation.csv", E2E_CELLS, y)]),
+    "cellranger_v2": lambda d, x, y: (
+        _write_cellranger(d / "filtered_gene_bc_matrices_h5.h5", x, E2E_GENES, E2E_CELLS, 2),
+        ["--labels", _write_label_file(d / "annotation.tsv.gz", E2E_CELLS, y, None)]),
+    "h5ad_layers_counts": lambda d, x, y: (_write_processed_h5ad(d / "processed.h5ad", x, y), []),
+    "h5ad_raw": lambda d, x, y: (_write_processed_h5ad(d / "processed.h5ad", x, y, "raw"), ["--layer", "raw"]),
+    "loom": lambda d, x, y: (_write_loom(d / "toy.loom", x, E2E_GENES, E2E_CELLS, y), []),
+    "r_csv": lambda d, x, y: (_write_r_csv(d / "counts.csv", x.T, E2E_GENES, E2E_CELLS),
+                              ["--labels", _write_label_file(d / "annotation.csv", E2E_CELLS, y)]),
+    "r_csv_transpose": lambda d, x, y: (_write_r_csv(d / "counts.csv", x.T, E2E_GENES, E2E_CELLS),
+                                        ["--transpose"]),
+}
+
+
+@pytest.mark.parametrize("layout", E2E_LAYOUTS)
+def test_cli_clusters_a_new_layout_as_the_same_counts_written_as_x_and_y(tmp_path, capsys, layout):
+    data = datasets.synthetic(n_cells=120, n_genes=60, n_clusters=3, seed=0)
+    x, y = np.asarray(data.counts), data.label_names[data.labels]
+    reference = _write_xy(tmp_path / "reference.h5", x, y, E2E_GENES, E2E_CELLS)
+    (tmp_path / "layout").mkdir()
+    path, flags = E2E_LAYOUTS[layout](tmp_path / "layout", x, y)
+    runs = {}
+    for name, args in (("reference", [reference]), (layout, [path, *flags])):
+        assert sctcm.main([*map(str, args), "--clusters", "3", "--seed", "1",
+                           "--out", str(tmp_path / name), *QUICK.split()]) == 0
+        runs[name] = ((tmp_path / name / "labels.csv").read_text(),
+                      json.loads((tmp_path / name / "summary.json").read_text())["metrics"])
+    assert runs[layout][0] == runs["reference"][0]  # the same cells, named the same, in the same clusters
+    if layout != "r_csv_transpose":  # labelled: the same scores
+        assert runs[layout][1] == runs["reference"][1]
+
+
 # ---------------------------------------------------------------- sctcm.cluster and --plot
 
 QUICK_KEYWORDS = dict(pretrain_epochs=3, max_epochs=3, min_epochs=1, eval_every=1, n_over=4,
@@ -2222,6 +2316,15 @@ def _only_antibodies(f):
     f["matrix/features/feature_type"] = _strings(["Antibody Capture"] * 12)
 
 
+LABELS = ["--labels", "labels.csv"]
+
+
+def _with_labels(path, text):
+    """The toy counts as a Cell Ranger file, and labels.csv beside it holding text."""
+    _cellranger_toy(path)
+    (path.parent / "labels.csv").write_text(text)
+
+
 def _drop(path, key):
     """Delete the object key from the HDF5 file path."""
     with h5py.File(path, "r+") as f:
@@ -2253,12 +2356,25 @@ BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one 
      r"layer\.csv: a layer \(counts\) is for AnnData and loom files"),
     ("fixed.h5ad", lambda p: _write_h5ad(p, *_toy()), ["--transpose"], dict(transpose=True),
      r"fixed\.h5ad: transpose is for CSV/TSV tables and X/Y or exprs matrices"),
+    ("one_column.h5", lambda p: _with_labels(p, "c0\nc1\n"), LABELS, dict(labels="labels.csv"),
+     r"labels\.csv: one column; a label file has two, cell name and label"),
+    ("three_columns.h5", lambda p: _with_labels(p, "cell,type,batch\nc0,a,1\n"), LABELS,
+     dict(labels="labels.csv"), r"labels\.csv: 3 columns \(cell, type, batch, \.\.\.\); name the one"),
+    ("unmatched.h5", lambda p: _with_labels(p, "cell,type\nc0,a\nc1,b\nc2,a\n"), LABELS, dict(labels="labels.csv"),
+     r"labels\.csv: none of its 3 names is a cell of the count matrix \(its first: 'c0'; the first "
+     r"cell: '[ACGT]{16}-1'\)"),
+    ("nameless.h5", lambda p: (_write(p, X=_toy()[0]), (p.parent / "labels.csv").write_text("c0,a\n")),
+     LABELS, dict(labels="labels.csv"), r"labels\.csv: the count matrix has no cell names"),
+    ("unlabelled.h5", _cellranger_toy, ["--labels", "nothing.csv"], dict(labels="nothing.csv"),
+     r"nothing\.csv: no such label file"),
 ]
 
 
 @pytest.mark.parametrize("name, write, flags, keywords, message", BAD_LAYOUTS,
                          ids=[b[0] for b in BAD_LAYOUTS])
-def test_bad_file_of_a_new_layout_is_one_line(capsys, tmp_path, name, write, flags, keywords, message):
+def test_bad_file_of_a_new_layout_is_one_line(capsys, tmp_path, monkeypatch, name, write, flags, keywords,
+                                              message):
+    monkeypatch.chdir(tmp_path)  # label files are named relative to it
     write(tmp_path / name)
     assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3", *flags))
     with pytest.raises(ValueError, match=message):
@@ -2334,6 +2450,7 @@ def test_settings_at_the_ends_of_their_ranges_are_accepted():
     (["--demo", "--label-key", "cell_type"], "--label-key"),
     (["--demo", "--layer", "counts"], "--layer is about a file's contents"),
     (["--demo", "--no-transpose"], "--transpose is about a file's contents"),
+    (["--demo", "--labels", "labels.csv"], "--labels is about a file's contents"),
     (["toy.csv", "--clusters", "3", "--label-key", "cell_type"], "toy.csv: a label key (cell_type)"),
 ])
 def test_meaningless_flags_are_refused(capsys, tmp_path, monkeypatch, args, message):
