@@ -27,7 +27,8 @@ load() detects seven layouts (DESIGN.md):
 AnnData, loom, Cell Ranger and 10x fix which axis holds the cells. CSV/TSV tables and X/Y or exprs
 matrices may lie either way (R writes genes x cells): --transpose says which; else labels or
 names whose number matches one axis decide, else what can be seen (_guess_orientation), and a
-note says which way the file was read.
+note says which way the file was read. A label file (CSV/TSV of cell name, label; any layout)
+replaces a file's labels, matched by cell name.
 
 References:
   Mrabah, Amar, Bouguessa, Diallo, "Toward Convex Manifolds: A Geometric Perspective for Deep Graph

@@ -835,7 +835,10 @@ def cluster(counts, n_clusters, labels=None, log=print, **config):
     them (the same seed gives the command line's labels on the same counts).
 
     counts: (n, g) raw counts, cells x genes, a numpy array or scipy sparse matrix; n_clusters: K;
-    labels: optional (n,) labels of the rows, for scoring only (missing: -1, NaN, "", "NA");
+    labels: optional (n,) labels of the rows, for scoring only (missing: -1, NaN, "", "NA").
+    An AnnData object in memory (as --layer reads a file): cluster(adata.layers["counts"], K,
+    labels=adata.obs["cell_type"]) when X is normalised, or adata.raw.X (raw.var_names its genes);
+    adata.X only when it holds raw counts.
     config: Config fields as keywords (seed=1, max_epochs=50, ...); log: where the progress lines
     go (log=lambda line: None silences them).
     -> Result whose labels (n,) and embedding (n, d) line up with the rows of counts: -1 and a row
