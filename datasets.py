@@ -12,7 +12,8 @@ load() detects seven layouts (DESIGN.md):
       may hold more genes than X); without a layer asked for, X when it holds counts, else
       layers/counts when that does (in a note);
   (d) a 10x folder: matrix.mtx[.gz] (genes x cells), barcodes.tsv[.gz], features.tsv[.gz]/genes.tsv;
-  (e) CSV/TSV[.gz]: a header of gene names, then one row per cell, its name first;
+  (e) CSV/TSV[.gz]: a header of names, then one row per cell (or per gene, as R's write.csv
+      writes), its name first;
   (f) Cell Ranger's HDF5 feature-barcode matrix (filtered_feature_bc_matrix.h5), strings as
       fixed-length bytes. v3 and later: group matrix with data, indices, indptr, shape = (genes,
       cells) (stored by cell: indptr has cells + 1 entries, indices are gene rows), barcodes (cell
@@ -102,7 +103,7 @@ class _Parts:
     names: np.ndarray | None = None     # the names of integer label codes
     genes: np.ndarray | None = None     # gene names
     cells: np.ndarray | None = None     # cell names
-    fixed: bool = False                 # the reader made x cells x genes (the layout says which axis is which)
+    fixed: bool = False                 # the reader made x cells x genes (the layout says which is which)
     table: bool = False                 # CSV/TSV: genes and cells are the column and row names, as stored
     notes: list[str] = field(default_factory=list)  # one-line remarks of the reader
 
@@ -115,14 +116,14 @@ def load(path, label_key=None, layer=None, transpose=None, labels=None):
 
     label_key: the obs column (h5ad, paper layout), col_attrs column (loom) or dataset (X/Y
     layout) holding the labels; by default Y, cell_type1, or the first of LABEL_KEYS (loom:
-    LOOM_LABEL_KEYS) present. layer (AnnData, loom): where the raw counts are, a key of layers or
-    "raw" (AnnData's raw/X); by default X (loom: matrix), or layers/counts when only that holds
-    counts (see _pick_counts). Counts are checked (numeric,
-    finite, non-negative, whole numbers) and kept as CSR float32. transpose (CSV/TSV, X/Y, exprs):
-    True, the file lies genes x cells; False, cells x genes; None: decided (_orientation), and
-    Dataset.notes says so in one line unless labels or names made it certain. labels: a label
-    file (_read_label_file), matched to the cells by name, in place of the file's own labels; then
-    label_key names its label column.
+    LOOM_LABEL_KEYS) present. layer (AnnData, loom): where the raw counts are, a key of layers
+    or "raw" (AnnData's raw/X); by default X (loom: matrix), or layers/counts when only that
+    holds counts (see _pick_counts). Counts are checked (numeric, finite, non-negative, whole
+    numbers) and kept as CSR float32. transpose (CSV/TSV, X/Y, exprs): True, the file lies genes
+    x cells; False, cells x genes; None: decided (_orientation), and Dataset.notes says so in
+    one line unless labels or names made it certain. labels: a label file (_read_label_file),
+    matched to the cells by name, in place of the file's own labels; then label_key names its
+    label column.
     Missing labels (see _encode_labels) become -1. A file that cannot be read (empty, truncated,
     corrupt, not permitted, ...) raises a one-line ValueError naming it, as does any bad content."""
     path = Path(path)
@@ -135,9 +136,9 @@ def load(path, label_key=None, layer=None, transpose=None, labels=None):
     hdf5 = path.is_file() and _is_hdf5(path)
     if label_key is not None and not hdf5 and labels is None:
         raise ValueError(f"{path}: a label key ({label_key}) is for HDF5 files; this one has no labels")
-    file_key = label_key if labels is None else None
     if layer is not None and not hdf5:
         raise ValueError(f"{path}: a layer ({layer}) is for AnnData and loom files; this one has none")
+    file_key = label_key if labels is None else None  # with a label file, label_key is its column
     if path.is_dir() or path.name.endswith((".mtx", ".mtx.gz")):
         parts = _read_10x(path)
     elif hdf5:
@@ -255,7 +256,7 @@ def _orientation(path, parts, labelled):
                           f"{len(values)} {kind} match its other axis (R writes matrices genes x cells)")
         return False, None
     if parts.table and labelled is not None:
-        in_rows, in_cols = (np.count_nonzero(np.isin(names, labelled)) for names in (parts.cells, parts.genes))
+        in_rows, in_cols = (np.count_nonzero(np.isin(axis, labelled)) for axis in (parts.cells, parts.genes))
         if in_cols > in_rows:
             return True, (f"{path}: transposed the table to {shape[1]} cells x {shape[0]} genes: the label "
                           "file names its columns")
@@ -361,7 +362,8 @@ def _labels_by_name(table, cells, path, replaced):
     found = sum(cell in lookup for cell in cells)
     note = f"{path}: labels for {found} of {len(cells)} cells" + (" (not the file's own)" if replaced else "")
     if not named.all():
-        note += f"; {np.count_nonzero(~named)} of its {len(names)} names match no cell (e.g. {str(names[~named][0])!r})"
+        note += (f"; {np.count_nonzero(~named)} of its {len(names)} names match no cell "
+                 f"(e.g. {str(names[~named][0])!r})")
     return labels, note
 
 
@@ -472,8 +474,9 @@ def _h5_reader(f, path):
         return _read_xy
     if isinstance(f.get("row_attrs"), h5py.Group) or isinstance(f.get("col_attrs"), h5py.Group):
         return _read_loom
-    if isinstance(f.get("matrix"), h5py.Group) or (
-            len(f) and all(isinstance(g, h5py.Group) and "barcodes" in g and "genes" in g for g in f.values())):
+    genomes = len(f) and all(isinstance(g, h5py.Group) and "barcodes" in g and "genes" in g
+                             for g in f.values())
+    if isinstance(f.get("matrix"), h5py.Group) or genomes:  # Cell Ranger v3+, v2
         return _read_cellranger
     keys = ", ".join(list(f)[:8])
     raise ValueError(f"{path}: unknown HDF5 layout (keys: {keys}; expected X and Y, exprs, AnnData, "
@@ -760,7 +763,8 @@ def _find(folder, names):
 
 
 def _read_text(path):
-    """Layout (e): CSV/TSV[.gz], header = gene names (with or without a corner cell), rows = cells."""
+    """Layout (e): CSV/TSV[.gz], a header of column names (with or without a corner cell), then
+    rows that start with their name; which axis holds the cells is _orient's to say."""
     delimiter = "," if path.name.lower().removesuffix(".gz").endswith(".csv") else "\t"
     cells, rows, blocks = [], [], []
     with _reading(path), _open_text(path) as fh:
@@ -782,7 +786,8 @@ def _read_text(path):
     if any(b.shape[1] != n_genes for b in blocks) or len(header) not in (n_genes, n_genes + 1):
         raise ValueError(f"{path}: header has {len(header)} fields for {n_genes} genes per row")
     genes = np.array(header[-n_genes:])
-    return _Parts(sp.vstack(blocks, format="csr"), "the table", genes=genes, cells=np.array(cells), table=True)
+    x = sp.vstack(blocks, format="csr")
+    return _Parts(x, "the table", genes=genes, cells=np.array(cells), table=True)
 
 
 def _parse_rows(rows, first_line, path):
