@@ -2,13 +2,34 @@
 
     file -> load() -> Dataset -> preprocess() -> Prepared -> knn_graph(Prepared.x) -> A (sctcm.fit)
 
-load() detects five layouts:
+load() detects seven layouts:
   (a) HDF5 with X (counts, dense or a CSR group) and Y (labels): the scDeepCluster/scDCC files;
   (b) HDF5 with exprs (dense or CSR group), obs/cell_type1, obs_names, var_names: the files of the
       scTCM paper (scziDesk's layout);
-  (c) AnnData .h5ad: X dense or a CSR/CSC group, labels from an obs column;
+  (c) AnnData .h5ad: X dense or a CSR/CSC group (encoding-type csr_matrix / csc_matrix, shape
+      attribute), labels from an obs column, names from the _index of obs and var. The raw counts
+      may sit elsewhere: layers/NAME (a matrix of X's shape), or raw/X with raw/var's names (raw/X
+      may hold more genes than X); without a layer asked for, X when it holds counts, else
+      layers/counts when that does (in a note);
   (d) a 10x folder: matrix.mtx[.gz] (genes x cells), barcodes.tsv[.gz], features.tsv[.gz]/genes.tsv;
-  (e) CSV/TSV[.gz]: a header of gene names, then one row per cell, its name first.
+  (e) CSV/TSV[.gz]: a header of names, then one row per cell (or per gene, as R's write.csv
+      writes), its name first;
+  (f) Cell Ranger's HDF5 feature-barcode matrix (filtered_feature_bc_matrix.h5), strings as
+      fixed-length bytes. v3 and later: group matrix with data, indices, indptr, shape = (genes,
+      cells) (stored by cell: indptr has cells + 1 entries, indices are gene rows), barcodes (cell
+      names), features/name (gene names) and features/feature_type: only "Gene Expression" rows
+      are kept (Antibody Capture, CRISPR Guide Capture, ... are counted in a note); features/id
+      and genome are not read. v2 (filtered_gene_bc_matrices_h5.h5): one group per genome
+      (/mm10) with the same matrix datasets, barcodes, genes (ids, not read) and gene_names;
+  (g) loom (loom 3 spec, .loom): matrix, genes x cells, dense (chunked, gzip: read in blocks),
+      or layers/NAME of its shape when asked for; row_attrs/Gene (else Accession) gene names,
+      col_attrs/CellID cell names, labels from a col_attrs column (LOOM_LABEL_KEYS);
+      attrs/LOOM_SPEC_VERSION, col_graphs and row_graphs are not read.
+AnnData, loom, Cell Ranger and 10x fix which axis holds the cells. CSV/TSV tables and X/Y or exprs
+matrices may lie either way (R writes genes x cells): --transpose says which; else labels or
+names whose number matches one axis decide, else what can be seen (_guess_orientation), and a
+note says which way the file was read. A label file (CSV/TSV of cell name, label; any layout)
+replaces a file's labels, matched by cell name.
 
 References:
   Mrabah, Amar, Bouguessa, Diallo, "Toward Convex Manifolds: A Geometric Perspective for Deep Graph
@@ -40,9 +61,10 @@ from scipy.spatial import cKDTree
 from clustering import squared_distances
 
 LABEL_KEYS = ("cell_type", "celltype", "cell_type1", "CellType", "cell_types", "labels", "label")
+LOOM_LABEL_KEYS = LABEL_KEYS + ("ClusterName",)  # loompy's (and the Linnarsson lab atlases') cluster names
 BLOCK_ENTRIES = 1 << 22  # a dense matrix is read this many entries at a time and kept as CSR
 MISSING_LABELS = ("", "na", "nan", "n/a", "none")  # label strings that mean "no label", in any case
-FILE_SUFFIXES = (".h5", ".h5ad", ".hdf5", ".mtx", ".csv", ".tsv", ".txt", ".gz")
+FILE_SUFFIXES = (".h5", ".h5ad", ".hdf5", ".loom", ".mtx", ".csv", ".tsv", ".txt", ".gz")
 READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError)  # what reading a bad file raises
 
 
@@ -74,16 +96,36 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # Dataset.notes + one line on what was dropped
 
 
+@dataclass
+class _Parts:
+    """What a reader found in a file, before _assemble orients, checks and encodes it."""
+    x: sp.csr_matrix                    # the counts as stored
+    what: str                           # their name in messages: X, exprs, matrix, ...
+    labels: np.ndarray | None = None    # raw label values (codes or strings), one per cell
+    names: np.ndarray | None = None     # the names of integer label codes
+    genes: np.ndarray | None = None     # gene names
+    cells: np.ndarray | None = None     # cell names
+    fixed: bool = False                 # the reader made x cells x genes (the layout says which is which)
+    table: bool = False                 # CSV/TSV: genes and cells are the column and row names, as stored
+    notes: list[str] = field(default_factory=list)  # one-line remarks of the reader
+
+
 # ---------------------------------------------------------------- load
 
 
-def load(path, label_key=None):
-    """Read a count matrix and its labels from any of the five layouts -> Dataset (cells x genes).
+def load(path, label_key=None, layer=None, transpose=None, labels=None):
+    """Read a count matrix and its labels from any of the seven layouts -> Dataset (cells x genes).
 
-    label_key: the obs column (h5ad, paper layout) or dataset (X/Y layout) holding the labels;
-    by default Y, cell_type1, or the first of LABEL_KEYS present. Counts are checked (numeric,
-    finite, non-negative, whole numbers) and kept as CSR float32. A matrix whose second axis
-    matches the labels or cell names is transposed, and Dataset.notes says so in one line.
+    label_key: the obs column (h5ad, paper layout), col_attrs column (loom) or dataset (X/Y
+    layout) holding the labels; by default Y, cell_type1, or the first of LABEL_KEYS (loom:
+    LOOM_LABEL_KEYS) present. layer (AnnData, loom): where the raw counts are, a key of layers
+    or "raw" (AnnData's raw/X); by default X (loom: matrix), or layers/counts when only that
+    holds counts (see _pick_counts). Counts are checked (numeric, finite, non-negative, whole
+    numbers) and kept as CSR float32. transpose (CSV/TSV, X/Y, exprs): True, the file lies genes
+    x cells; False, cells x genes; None: decided (_orientation), and Dataset.notes says so in
+    one line unless labels or names made it certain. labels: a label file (_read_label_file),
+    matched to the cells by name, in place of the file's own labels; then label_key names its
+    label column.
     Missing labels (see _encode_labels) become -1. A file that cannot be read (empty, truncated,
     corrupt, not permitted, ...) raises a one-line ValueError naming it, as does any bad content."""
     path = Path(path)
@@ -94,19 +136,22 @@ def load(path, label_key=None):
     if path.is_dir() and path.name.lower().endswith(FILE_SUFFIXES):
         raise ValueError(f"{path}: a folder where a file is expected")
     hdf5 = path.is_file() and _is_hdf5(path)
-    if label_key is not None and not hdf5:
+    if label_key is not None and not hdf5 and labels is None:
         raise ValueError(f"{path}: a label key ({label_key}) is for HDF5 files; this one has no labels")
+    if layer is not None and not hdf5:
+        raise ValueError(f"{path}: a layer ({layer}) is for AnnData and loom files; this one has none")
+    file_key = label_key if labels is None else None  # with a label file, label_key is its column
     if path.is_dir() or path.name.endswith((".mtx", ".mtx.gz")):
         parts = _read_10x(path)
     elif hdf5:
-        parts = _read_hdf5(path, label_key)
-    elif path.suffix.lower() in (".h5", ".h5ad", ".hdf5"):
+        parts = _read_hdf5(path, file_key, layer)
+    elif path.suffix.lower() in (".h5", ".h5ad", ".hdf5", ".loom"):
         raise ValueError(f"{path}: not an HDF5 file (damaged, or another format under an HDF5 name)")
     elif path.name.lower().removesuffix(".gz").endswith((".csv", ".tsv", ".txt")):
         parts = _read_text(path)
     else:
-        raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad, a 10x folder, or .csv/.tsv)")
-    return _assemble(path, *parts)
+        raise ValueError(f"{path}: unknown layout (expected .h5/.h5ad/.loom, a 10x folder, or .csv/.tsv)")
+    return _assemble(path, parts, transpose, None if labels is None else Path(labels), label_key)
 
 
 def from_counts(counts, labels=None, name="counts"):
@@ -161,13 +206,24 @@ def _unreadable(err):
     return f"cannot be read ({detail})"
 
 
-def _assemble(path, x, what, raw_labels, names, genes, cells):
-    """Orient, check and encode what a reader returned -> Dataset."""
-    x, notes = _orient(x, path, what, raw_labels, cells, genes)
+def _assemble(path, parts, transpose=None, label_file=None, label_key=None):
+    """Orient (transpose: see _orient), check and encode what a reader returned (_Parts), with
+    the labels of label_file (a Path, or None; label_key: its label column) -> Dataset."""
+    known = set(parts.cells if parts.cells is not None else []) | set(parts.genes if parts.table else [])
+    if label_file is not None and not known:
+        raise ValueError(f"{label_file}: the count matrix has no cell names to match this label file's with")
+    table = None if label_file is None else _read_label_file(label_file, label_key, known)
+    x, genes, cells, notes = _orient(path, parts, transpose, None if table is None else table[0])
+    what, raw_labels, names = parts.what, parts.labels, parts.names
+    notes = parts.notes + notes
     n, g = x.shape
     for kind, values, size in (("labels", raw_labels, n), ("cell names", cells, n), ("gene names", genes, g)):
         if values is not None and len(values) != size:
             raise ValueError(f"{path}: {len(values)} {kind} for {n} cells x {g} genes in {what}")
+    if table is not None:
+        raw_labels, note = _labels_by_name(table, cells, label_file, raw_labels is not None)
+        names = None
+        notes.append(note)
     _check_counts(x.data, path, what)
     x.sum_duplicates()
     labels, label_names = _encode_labels(raw_labels, names)
@@ -182,38 +238,180 @@ def _assemble(path, x, what, raw_labels, names, genes, cells):
     )
 
 
-def _orient(x, path, what, labels, cells, genes):
-    """Transpose x when the labels (else cell names, else gene names) match its other axis.
+def _orient(path, parts, transpose, labelled):
+    """Which axis of parts.x holds the cells -> (x cells x genes, gene names, cell names, notes).
 
-    Matrices written from R (rhdf5, writeMM of a genes x cells object) arrive genes x cells."""
-    for kind, values, axis in (("labels", labels, 0), ("cell names", cells, 0), ("gene names", genes, 1)):
-        if values is None:
+    A layout that fixes it (parts.fixed) is read as its reader made it. Otherwise transpose=True
+    says x is genes x cells, False cells x genes; None: _orientation decides (labelled: the cell
+    names of a label file, or None)."""
+    x, genes, cells = parts.x, parts.genes, parts.cells
+    if parts.fixed:
+        if transpose:
+            raise ValueError(f"{path}: transpose is for CSV/TSV tables and X/Y or exprs matrices; "
+                             "this layout fixes which axis holds the cells")
+        return x, genes, cells, []
+    flip, note = (transpose, None) if transpose is not None else _orientation(path, parts, labelled)
+    if flip:
+        x = x.T.tocsr()
+        genes, cells = (cells, genes) if parts.table else (genes, cells)
+    return x, genes, cells, [note] if note else []
+
+
+def _orientation(path, parts, labelled):
+    """Whether parts.x lies genes x cells -> (flip, a note or None).
+
+    Certain: labels, or the cell or gene names of an HDF5 file, whose number matches one axis
+    only; the first of these decides (matrices written from R, rhdf5 or writeMM of a genes x
+    cells object, arrive transposed: a note says so; a number matching neither axis fails in
+    _assemble). For a table, a label file's names (labelled) that name more of its rows than of
+    its columns, or the reverse. Else _guess_orientation, in a note that says how to read it
+    the other way."""
+    evidence = [("labels", parts.labels, 0)]
+    if not parts.table:  # a table's row and column names say nothing of which is which
+        evidence += [("cell names", parts.cells, 0), ("gene names", parts.genes, 1)]
+    shape = parts.x.shape
+    for kind, values, axis in evidence:
+        if values is None or len(values) == shape[0] == shape[1]:
             continue
-        if len(values) != x.shape[axis] and len(values) == x.shape[1 - axis]:
-            x = x.T.tocsr()
-            note = (f"{path}: transposed {what} to {x.shape[0]} cells x {x.shape[1]} genes: the "
-                    f"{len(values)} {kind} match its other axis (R writes matrices genes x cells)")
-            return x, [note]
-        return x, []  # the first evidence decides; a length matching neither axis fails in _assemble
-    return x, []
+        if len(values) != shape[axis] and len(values) == shape[1 - axis]:
+            return True, (f"{path}: transposed {parts.what} to {shape[1]} cells x {shape[0]} genes: the "
+                          f"{len(values)} {kind} match its other axis (R writes matrices genes x cells)")
+        return False, None
+    if parts.table and labelled is not None:
+        in_rows, in_cols = (np.count_nonzero(np.isin(axis, labelled)) for axis in (parts.cells, parts.genes))
+        if in_cols > in_rows:
+            return True, (f"{path}: transposed the table to {shape[1]} cells x {shape[0]} genes: the label "
+                          "file names its columns")
+        if in_rows > in_cols:
+            return False, None
+    flip, reason = _guess_orientation(parts.x, parts.cells if parts.table else None,
+                                      parts.genes if parts.table else None)
+    rows, cols, flag = ("genes", "cells", "--no-transpose") if flip else ("cells", "genes", "--transpose")
+    return flip, (f"{path}: read the rows of {parts.what} as {rows} and its columns as {cols} "
+                  f"({reason}); {flag} reads them the other way")
+
+
+GENE_NAME = re.compile(r"(ENS[A-Z]*G\d{11}(\.\d+)?|MT-(CO[1-3]|ND[1-6]|ND4L|ATP[68]|CYTB?))$", re.I)
+BARCODE = re.compile(r".*[ACGT]{10}")  # 10 bases in a row: a cell barcode (10x: 16, Drop-seq: 12)
+DETECTION_SPREAD = 2.0  # the gene axis's detection rates spread at least this many times wider
+
+
+def _guess_orientation(x, rows, cols):
+    """Whether the rows of x are genes, from what can be seen -> (flip, why, in a few words).
+
+    1. Names (a table's row and column names, or None): Ensembl gene ids (ENSG..., ENSMUSG...)
+       and the 13 mitochondrial protein genes (MT-CO1, mt-Nd1, ...) mark the gene axis, cell
+       barcodes (GEMs: 10 bases in a row) the cell axis; the axis whose names look more like
+       genes' and less like barcodes' holds the genes.
+    2. Counts: genes differ far more in how often they are detected than cells do (a marker in
+       1% of the cells, a housekeeping gene in all; every cell that passed quality control
+       detects some hundreds to thousands of genes): the axis whose detection rates (shares of
+       non-zero entries) spread DETECTION_SPREAD times wider, 90th over 10th percentile, holds
+       the genes. On the five files of ../shared/data the genes' spread is 2.4 to 39 times the
+       cells'; on Poisson counts of one rate (no gene apart) the ratio is 0.6 to 1.3.
+    3. Else cells x genes, the convention of these layouts.
+    The shape is no evidence: a 20,000 x 3,000 table may be genes x cells or cells x HVGs."""
+    by_genes = _share(rows, GENE_NAME) - _share(cols, GENE_NAME)  # > 0: the rows look like genes
+    by_barcodes = _share(cols, BARCODE) - _share(rows, BARCODE)  # > 0: the columns look like cells
+    if by_genes or by_barcodes:
+        sign, looks = ((by_genes, "gene ids or mitochondrial genes") if abs(by_genes) >= abs(by_barcodes)
+                       else (-by_barcodes, "cell barcodes"))
+        return by_genes + by_barcodes > 0, f"its {'row' if sign > 0 else 'column'} names look like {looks}"
+    if min(x.shape) > 0:
+        rows_spread = _detection_spread(x.getnnz(axis=1), x.shape[1])
+        cols_spread = _detection_spread(x.getnnz(axis=0), x.shape[0])
+        for flip, wide, narrow in ((True, rows_spread, cols_spread), (False, cols_spread, rows_spread)):
+            if wide >= DETECTION_SPREAD * narrow:
+                return flip, (f"the detection rates of its {'rows' if flip else 'columns'} spread "
+                              f"{wide / narrow:.1f} times wider, as genes' do")
+    return False, "nothing tells its axes apart; cells x genes is the convention"
+
+
+def _share(names, pattern):
+    """The share of names (None: none) that pattern matches from their start."""
+    if names is None or len(names) == 0:
+        return 0.0
+    return sum(pattern.match(str(name)) is not None for name in names) / len(names)
+
+
+def _detection_spread(nonzero, size):
+    """90th / 10th percentile of the detection rates (nonzero + 1) / (size + 1) of an axis."""
+    low, high = np.percentile((np.asarray(nonzero) + 1) / (size + 1), [10, 90])
+    return high / low
+
+
+def _read_label_file(path, key, cells):
+    """A label file: CSV/TSV[.gz] rows of (cell name, label) -> (names, labels), str arrays.
+
+    The label is the second column, or with key the column of that name in the header (more
+    columns than two need key). The first row is a header when key is given or when its first
+    field names none of cells (a set). A name listed twice keeps its last label."""
+    if not path.exists():
+        raise ValueError(f"{path}: no such label file")
+    delimiter = "," if path.name.lower().removesuffix(".gz").endswith(".csv") else "\t"
+    with _reading(path), _open_text(path) as fh:
+        rows = [row for row in csv.reader(fh, delimiter=delimiter) if row]
+    if not rows:
+        raise ValueError(f"{path}: empty label file (expected rows of cell name, label)")
+    width = len(rows[0])
+    if width < 2:
+        raise ValueError(f"{path}: one column; a label file has two, cell name and label (a .csv is "
+                         "split at commas, a .tsv or .txt at tabs)")
+    if key is None and width > 2:
+        raise ValueError(f"{path}: {width} columns ({', '.join(rows[0][:4])}, ...); name the one with "
+                         "the labels by its header (--label-key)")
+    if key is not None and key not in rows[0]:
+        raise ValueError(f"{path}: no column '{key}' in its header ({', '.join(rows[0][:8])})")
+    column = 1 if key is None else rows[0].index(key)
+    body = rows[1:] if key is not None or rows[0][0] not in cells else rows
+    short = next((row for row in body if len(row) <= column), None)
+    if short is not None or not body:
+        raise ValueError(f"{path}: no labels below its header" if not body else
+                         f"{path}: the row of {short[0]!r} has no field {column + 1} (the labels)")
+    return np.array([row[0] for row in body]), np.array([row[column] for row in body])
+
+
+def _labels_by_name(table, cells, path, replaced):
+    """The label of each cell from a label file's (names, labels) -> (labels, a note); a cell it
+    does not name gets "" (no label). replaced: the count file had labels of its own."""
+    names, values = table
+    named = np.isin(names, cells)
+    if not named.any():
+        raise ValueError(f"{path}: none of its {len(names)} names is a cell of the count matrix (its "
+                         f"first: {str(names[0])!r}; the first cell: {str(cells[0])!r})")
+    lookup = dict(zip(names, values))
+    labels = np.array([lookup.get(cell, "") for cell in cells])
+    found = sum(cell in lookup for cell in cells)
+    note = f"{path}: labels for {found} of {len(cells)} cells" + (" (not the file's own)" if replaced else "")
+    if not named.all():
+        note += (f"; {np.count_nonzero(~named)} of its {len(names)} names match no cell "
+                 f"(e.g. {str(names[~named][0])!r})")
+    return labels, note
 
 
 def _check_counts(values, path, what):
     """Raise a one-line ValueError unless values are finite, non-negative whole numbers."""
+    problem = _count_problem(values, what)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+
+
+def _count_problem(values, what):
+    """Why values are not raw counts (finite, non-negative whole numbers), in a few words, or None."""
     if values.dtype.kind not in "biuf":
-        raise ValueError(f"{path}: {what} holds non-numeric values ({values.dtype})")
+        return f"{what} holds non-numeric values ({values.dtype})"
     if values.dtype.kind == "f":
         bad = np.count_nonzero(~np.isfinite(values))
         if bad:
-            raise ValueError(f"{path}: {bad} non-finite counts (NaN or inf) in {what}")
+            return f"{bad} non-finite counts (NaN or inf) in {what}"
     bad = np.count_nonzero(values < 0)
     if bad:
-        raise ValueError(f"{path}: {bad} negative counts in {what}")
+        return f"{bad} negative counts in {what}"
     if values.dtype.kind == "f":
         bad = np.count_nonzero(values != np.round(values))
         if bad:
-            raise ValueError(f"{path}: {bad} non-integer counts in {what} (raw counts expected, "
-                             "not normalised or log data)")
+            return f"{bad} non-integer counts in {what} (raw counts expected, not normalised or log data)"
+    return None
 
 
 def _encode_labels(values, names):
@@ -276,23 +474,35 @@ def _is_hdf5(path):
         return h5py.is_hdf5(path)
 
 
-def _read_hdf5(path, label_key):
-    """Layouts (a)-(c). h5py reports damaged metadata as OSError, and some of it as RuntimeError
-    or KeyError (an object whose header cannot be read)."""
+def _read_hdf5(path, label_key, layer):
+    """Layouts (a)-(c), (f), (g). h5py reports damaged metadata as OSError, and some of it as
+    RuntimeError or KeyError (an object whose header cannot be read)."""
     with _reading(path, READ_ERRORS + (RuntimeError, KeyError)), h5py.File(path, "r") as f:
-        return _h5_reader(f, path)(f, path, label_key)
+        reader = _h5_reader(f, path)
+        if reader in (_read_h5ad, _read_loom):
+            return reader(f, path, label_key, layer)
+        if layer is not None:
+            raise ValueError(f"{path}: a layer ({layer}) is for AnnData and loom files; this one has none")
+        return reader(f, path, label_key)
 
 
 def _h5_reader(f, path):
     """Pick the reader of an open HDF5 file from its top-level keys."""
     if "exprs" in f:
         return _read_exprs
-    if "X" in f and "obs" in f and "Y" not in f:
+    if "obs" in f and ("X" in f or "layers" in f) and "Y" not in f:
         return _read_h5ad
     if "X" in f:
         return _read_xy
+    if isinstance(f.get("row_attrs"), h5py.Group) or isinstance(f.get("col_attrs"), h5py.Group):
+        return _read_loom
+    genomes = len(f) and all(isinstance(g, h5py.Group) and "barcodes" in g and "genes" in g
+                             for g in f.values())
+    if isinstance(f.get("matrix"), h5py.Group) or genomes:  # Cell Ranger v3+, v2
+        return _read_cellranger
     keys = ", ".join(list(f)[:8])
-    raise ValueError(f"{path}: unknown HDF5 layout (keys: {keys}; expected X and Y, exprs, or AnnData)")
+    raise ValueError(f"{path}: unknown HDF5 layout (keys: {keys}; expected X and Y, exprs, AnnData, "
+                     "a Cell Ranger matrix or loom)")
 
 
 def _read_xy(f, path, label_key):
@@ -305,7 +515,7 @@ def _read_xy(f, path, label_key):
     names = _strings(_values(f["cell_types"], path)) if "cell_types" in f else None
     genes = _first_strings(f, ("genes", "gene_names", "var_names"), path)
     cells = _first_strings(f, ("cells", "cell_names", "obs_names", "barcodes"), path)
-    return x, "X", labels, names, genes, cells
+    return _Parts(x, "X", labels, names, genes, cells)
 
 
 def _read_exprs(f, path, label_key):
@@ -315,16 +525,128 @@ def _read_exprs(f, path, label_key):
     if "obs" in f:
         labels, names = _obs_labels(f["obs"], path, label_key, ("cell_type1",) + LABEL_KEYS)
     genes, cells = _first_strings(f, ("var_names",), path), _first_strings(f, ("obs_names",), path)
-    return x, "exprs", labels, names, genes, cells
+    return _Parts(x, "exprs", labels, names, genes, cells)
 
 
-def _read_h5ad(f, path, label_key):
-    """Layout (c), AnnData: X, obs (index + columns), var (index = gene names)."""
+def _read_h5ad(f, path, label_key, layer):
+    """Layout (c), AnnData: X or a layer (_pick_counts), obs (index + columns), var (index = gene
+    names; raw/var for raw/X, which may hold more genes than X)."""
     if not isinstance(f["obs"], h5py.Group):
         raise ValueError(f"{path}: obs is a compound table (anndata < 0.7); save the file again with anndata")
-    x = _read_matrix(f["X"], path, "X")
+    x, key, notes = _pick_counts(f, path, "X", layer, {"raw": "raw/X"})
     labels, names = _obs_labels(f["obs"], path, label_key, LABEL_KEYS)
-    return x, "X", labels, names, _frame_index(f.get("var"), path), _frame_index(f["obs"], path)
+    var = f.get("raw/var") if key == "raw/X" else f.get("var")
+    return _Parts(x, key, labels, names, _frame_index(var, path), _frame_index(f["obs"], path), fixed=True,
+                  notes=notes)
+
+
+def _read_loom(f, path, label_key, layer):
+    """Layout (g), loom: matrix or a layer (_pick_counts), genes x cells; gene names in
+    row_attrs/Gene (else Accession), cell names in col_attrs/CellID, labels in a col_attrs column."""
+    _require(f, ("matrix", "row_attrs", "col_attrs"), path)
+    x, key, notes = _pick_counts(f, path, "matrix", layer, {})
+    labels, names = _obs_labels(f["col_attrs"], path, label_key, LOOM_LABEL_KEYS)
+    genes = _first_strings(f["row_attrs"], ("Gene", "Accession"), path)
+    cells = _first_strings(f["col_attrs"], ("CellID",), path)
+    return _Parts(x.T.tocsr(), key, labels, names, genes, cells, fixed=True, notes=notes)
+
+
+def _pick_counts(f, path, main, layer, extra):
+    """The raw counts of an AnnData or loom file, as stored -> (CSR x, its key, notes).
+
+    layer: a key of the group layers, or of extra (AnnData: {"raw": "raw/X"}). Without one: main
+    (X, matrix) when it holds raw counts; else layers/counts when that does (where scvi-tools
+    keeps them), and a note says so; else a one-line error that lists the layers to choose from."""
+    layers = list(f["layers"]) if isinstance(f.get("layers"), h5py.Group) else []
+    choices = layers + [name for name, key in extra.items() if key in f]
+    if layer is not None:
+        if layer not in choices:
+            raise ValueError(f"{path}: no layer '{layer}' (it has {', '.join(choices) or 'none'})")
+        key = extra.get(layer, f"layers/{layer}")
+        return _read_matrix(f[key], path, key), key, []
+    if main in f:
+        x = _read_matrix(f[main], path, main)
+        problem = _count_problem(x.data, main)
+        if problem is None:
+            return x, main, []
+        del x  # before the counts layer is read: the two may not fit in memory together
+    else:
+        problem = f"no {main}"
+    if "counts" in layers:
+        x = _read_matrix(f["layers/counts"], path, "layers/counts")
+        if _count_problem(x.data, "layers/counts") is None:
+            return x, "layers/counts", [f"{path}: {problem}; read the raw counts in layers/counts"]
+    raise ValueError(f"{path}: {problem}; --layer NAME reads the raw counts from one of its layers "
+                     f"({', '.join(choices) or 'it has none'})")
+
+
+def _read_cellranger(f, path, label_key):
+    """Layout (f), Cell Ranger's HDF5 feature-barcode matrix: the Gene Expression features of
+    every cell (barcode). It holds no labels (they come from a label file)."""
+    if label_key is not None:
+        raise ValueError(f"{path}: a Cell Ranger matrix holds no labels ({label_key}); give them "
+                         "in a label file")
+    if isinstance(f.get("matrix"), h5py.Group):
+        x, genes, cells, notes = _cellranger_v3(f["matrix"], path)
+    else:
+        x, genes, cells, notes = _cellranger_v2(f, path)
+    return _Parts(x, "matrix", genes=genes, cells=cells, fixed=True, notes=notes)
+
+
+def _cellranger_v3(group, path):
+    """Cell Ranger >= 3: group matrix with barcodes and features/{id, name, feature_type, genome};
+    features of other types (Antibody Capture, CRISPR Guide Capture, ...) are set aside, in one note.
+    -> (x cells x genes, gene names, barcodes, notes)"""
+    _require(group, ("barcodes", "features/name", "features/feature_type"), path)
+    x = _cellranger_counts(group, path)
+    names = _strings(_values(group["features/name"], path))
+    types = _strings(_values(group["features/feature_type"], path))
+    if len(types) != x.shape[1]:
+        raise ValueError(f"{path}: {len(types)} features for the {x.shape[1]} rows of {group.name}")
+    keep = types == "Gene Expression"
+    if not keep.any():
+        raise ValueError(f"{path}: no Gene Expression features (it holds {_tally(types)})")
+    notes = []
+    if not keep.all():
+        notes.append(f"{path}: kept the {keep.sum()} Gene Expression features; set aside "
+                     f"{_tally(types[~keep])}")
+        x = x[:, np.flatnonzero(keep)]
+    return x, names[keep], _strings(_values(group["barcodes"], path)), notes
+
+
+def _cellranger_v2(f, path):
+    """Cell Ranger 2: one group per genome (/mm10, /GRCh38) with barcodes, genes (ids) and
+    gene_names; several genomes of the same cells are joined, gene after gene -> as _cellranger_v3."""
+    parts = []
+    for genome in f.values():
+        _require(genome, ("barcodes", "gene_names"), path)
+        parts.append((_cellranger_counts(genome, path), _strings(_values(genome["gene_names"], path)),
+                      _strings(_values(genome["barcodes"], path))))
+    cells = parts[0][2]
+    if any(not np.array_equal(barcodes, cells) for _, _, barcodes in parts[1:]):
+        raise ValueError(f"{path}: its genomes ({', '.join(f)}) hold different barcodes; expected one "
+                         "genome, or several of the same cells")
+    return (sp.hstack([x for x, _, _ in parts], format="csr"), np.concatenate([g for _, g, _ in parts]),
+            cells, [])
+
+
+def _cellranger_counts(group, path):
+    """A Cell Ranger matrix group (data, indices, indptr, shape: genes x cells, stored by cell, so
+    CSC) -> CSR cells x genes."""
+    return _read_sparse_group(group, path, group.name.lstrip("/"), fmt="csc").T.tocsr()
+
+
+def _tally(values):
+    """How many of each value: '31 Antibody Capture, 5 CRISPR Guide Capture'."""
+    kinds, counts = np.unique(values, return_counts=True)
+    return ", ".join(f"{c} {k}" for k, c in zip(kinds, counts))
+
+
+def _require(group, keys, path):
+    """Raise a one-line ValueError naming the first of keys (paths inside group) that it lacks."""
+    missing = next((key for key in keys if key not in group), None)
+    if missing:
+        raise ValueError(f"{path}: {group.name.rstrip('/')}/{missing} is missing")
 
 
 def _first_strings(f, keys, path):
@@ -344,7 +666,8 @@ def _frame_index(frame, path):
 
 
 def _obs_labels(obs, path, label_key, default_keys):
-    """Labels from an obs column -> (codes or strings, category names or None).
+    """Labels from an obs column (loom: a col_attrs column) -> (codes or strings, category names
+    or None).
 
     Categoricals are a group with categories + codes (anndata >= 0.8), or integer codes with their
     categories in obs/__categories/<column> (older anndata)."""
@@ -352,11 +675,13 @@ def _obs_labels(obs, path, label_key, default_keys):
     if key is None:
         return None, None
     if key not in obs:
-        raise ValueError(f"{path}: no obs column '{key}' (columns: {', '.join(list(obs)[:12])})")
+        raise ValueError(f"{path}: no {obs.name.lstrip('/')} column '{key}' "
+                         f"(columns: {', '.join(list(obs)[:12])})")
     column = obs[key]
     if isinstance(column, h5py.Group):
         if "codes" not in column or "categories" not in column:
-            raise ValueError(f"{path}: obs column '{key}' is neither categorical nor a plain array")
+            raise ValueError(f"{path}: {obs.name.lstrip('/')} column '{key}' is neither categorical "
+                             "nor a plain array")
         return _values(column["codes"], path), _strings(_values(column["categories"], path))
     if "__categories" in obs and key in obs["__categories"]:
         return _values(column, path), _strings(_values(obs["__categories"][key], path))
@@ -366,7 +691,7 @@ def _obs_labels(obs, path, label_key, default_keys):
 def _read_matrix(item, path, what):
     """A dense HDF5 dataset or a CSR/CSC group -> CSR, in the stored orientation."""
     if isinstance(item, h5py.Group):
-        return _read_sparse_group(item, path, what)
+        return _read_sparse_group(item, path, what).tocsr()
     if not isinstance(item, h5py.Dataset):
         raise ValueError(f"{path}: {what} is neither a matrix nor a sparse matrix group")
     if item.dtype.kind not in "biuf":
@@ -380,11 +705,12 @@ def _read_matrix(item, path, what):
     return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(item.shape, dtype=item.dtype)
 
 
-def _read_sparse_group(group, path, what):
-    """A CSR or CSC group (data, indices, indptr, shape as attribute or dataset) -> checked CSR."""
+def _read_sparse_group(group, path, what, fmt=None):
+    """A CSR or CSC group (data, indices, indptr, shape as attribute or dataset) -> checked
+    scipy CSR or CSC matrix; fmt ("csc", "csr") when the group does not say."""
     if not all(k in group for k in ("data", "indices", "indptr")):
         raise ValueError(f"{path}: group {what} is not a sparse matrix (needs data, indices, indptr)")
-    fmt = group.attrs.get("encoding-type", group.attrs.get("h5sparse_format", "csr"))
+    fmt = fmt or group.attrs.get("encoding-type", group.attrs.get("h5sparse_format", "csr"))
     fmt = (fmt.decode() if isinstance(fmt, bytes) else str(fmt))[:3].upper()
     shape = group.attrs.get("shape", group.attrs.get("h5sparse_shape"))
     if shape is None and "shape" in group:
@@ -414,7 +740,7 @@ def _read_sparse_group(group, path, what):
     if problem:
         raise ValueError(f"{path}: inconsistent {fmt} group {what}: {problem}")
     if fmt == "CSC":
-        return sp.csc_matrix((data, indices, indptr), shape=shape).tocsr()
+        return sp.csc_matrix((data, indices, indptr), shape=shape)
     return sp.csr_matrix((data, indices, indptr), shape=shape)
 
 
@@ -451,7 +777,7 @@ def _read_10x(path):
     genes = np.array([r[1] if len(r) > 1 else r[0] for r in _read_lines(features)]) if features else None
     if cells is None or len(cells) != m.shape[0] or len(cells) == m.shape[1]:
         m = m.T.tocsr()  # 10x writes genes x cells; a cells x genes file is told apart by its barcodes
-    return m, mtx.name, None, None, genes, cells
+    return _Parts(m, mtx.name, genes=genes, cells=cells, fixed=True)
 
 
 def _find(folder, names):
@@ -459,7 +785,8 @@ def _find(folder, names):
 
 
 def _read_text(path):
-    """Layout (e): CSV/TSV[.gz], header = gene names (with or without a corner cell), rows = cells."""
+    """Layout (e): CSV/TSV[.gz], a header of column names (with or without a corner cell), then
+    rows that start with their name; which axis holds the cells is _orient's to say."""
     delimiter = "," if path.name.lower().removesuffix(".gz").endswith(".csv") else "\t"
     cells, rows, blocks = [], [], []
     with _reading(path), _open_text(path) as fh:
@@ -481,7 +808,8 @@ def _read_text(path):
     if any(b.shape[1] != n_genes for b in blocks) or len(header) not in (n_genes, n_genes + 1):
         raise ValueError(f"{path}: header has {len(header)} fields for {n_genes} genes per row")
     genes = np.array(header[-n_genes:])
-    return sp.vstack(blocks, format="csr"), path.name, None, None, genes, np.array(cells)
+    x = sp.vstack(blocks, format="csr")
+    return _Parts(x, "the table", genes=genes, cells=np.array(cells), table=True)
 
 
 def _parse_rows(rows, first_line, path):

@@ -746,7 +746,10 @@ def cluster(counts, n_clusters, labels=None, log=print, **config):
     them (the same seed gives the command line's labels on the same counts).
 
     counts: (n, g) raw counts, cells x genes, a numpy array or scipy sparse matrix; n_clusters: K;
-    labels: optional (n,) labels of the rows, for scoring only (missing: -1, NaN, "", "NA");
+    labels: optional (n,) labels of the rows, for scoring only (missing: -1, NaN, "", "NA").
+    An AnnData object in memory (as --layer reads a file): cluster(adata.layers["counts"], K,
+    labels=adata.obs["cell_type"]) when X is normalised, or adata.raw.X (raw.var_names its genes);
+    adata.X only when it holds raw counts.
     config: Config fields as keywords (seed=1, max_epochs=50, ...); log: where the progress lines
     go (log=lambda line: None silences them).
     -> Result whose labels (n,) and embedding (n, d) line up with the rows of counts: -1 and a row
@@ -819,7 +822,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser():
     parser = _Parser(description="scTCM deep graph clustering of a scRNA-seq count matrix.")
-    parser.add_argument("path", nargs="?", help="count matrix: .h5, .h5ad, 10x folder, CSV/TSV")
+    parser.add_argument("path", nargs="?", help="count matrix: .h5 (X/Y, exprs, Cell Ranger), .h5ad, "
+                        ".loom, 10x folder, CSV/TSV")
     parser.add_argument("--clusters", type=int, help="K, the number of clusters, >= 2 (required "
                         "for a file; labels in the file are used for scoring only)")
     parser.add_argument("--demo", action="store_true", help="run on datasets.synthetic()")
@@ -827,7 +831,16 @@ def _parser():
                         "or be empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder once the run has finished")
-    parser.add_argument("--label-key", help="obs column holding the labels of an .h5ad file")
+    parser.add_argument("--label-key", help="obs column (.h5ad), col_attrs column (.loom) or dataset "
+                        "(X/Y .h5) holding the labels; with --labels, the column of that file")
+    parser.add_argument("--labels", help="a CSV/TSV[.gz] of (cell name, label), with or without a "
+                        "header, for scoring only: replaces the file's labels, matched by cell name")
+    parser.add_argument("--layer", help="where an .h5ad or .loom file keeps its raw counts: a key of "
+                        "its layers, or raw (.h5ad raw/X); default X (loom: matrix), else "
+                        "layers/counts")
+    parser.add_argument("--transpose", action=argparse.BooleanOptionalAction, help="a CSV/TSV "
+                        "table or X/Y or exprs matrix lies genes x cells (--no-transpose: cells x "
+                        "genes); default: told from labels, names or the counts, and said")
     parser.add_argument("--plot", action="store_true", help="also draw fig2.png, embedding.png "
                         "and losses.png (needs matplotlib, an optional extra)")
     helps = config_help()
@@ -859,8 +872,10 @@ def _inputs(args, config):
     _check_settings(args.clusters, config)
     if args.demo == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
-    if args.demo and args.label_key is not None:
-        raise ValueError("--label-key names a label column of a file; --demo has none")
+    for flag, value in (("--label-key", args.label_key), ("--labels", args.labels),
+                        ("--layer", args.layer), ("--transpose", args.transpose)):
+        if args.demo and value is not None:
+            raise ValueError(f"{flag} is about a file's contents; --demo reads no file")
     _check_out(Path(args.out), args.overwrite)
     if args.demo:
         dataset = datasets.synthetic()
@@ -868,7 +883,8 @@ def _inputs(args, config):
     else:
         if args.clusters is None:
             raise ValueError("--clusters K is required with a file")
-        dataset = datasets.load(args.path, label_key=args.label_key)
+        dataset = datasets.load(args.path, label_key=args.label_key, layer=args.layer,
+                                transpose=args.transpose, labels=args.labels)
         k = args.clusters
     prepared, adjacency = prepare(dataset, k, config)
     return dataset, prepared, adjacency, k

@@ -62,19 +62,25 @@ def _write_csr_group(group, x):
     group.create_dataset("shape", data=np.array(m.shape))
 
 
+def _write_anndata_matrix(parent, key, x, fmt="csr"):
+    """x as anndata writes a matrix: dense, or a group with encoding-type csr_matrix / csc_matrix
+    and a shape attribute."""
+    if fmt == "dense":
+        parent.create_dataset(key, data=x.astype(np.float32))
+        return
+    m = sp.csr_matrix(x, dtype=np.float32) if fmt == "csr" else sp.csc_matrix(x, dtype=np.float32)
+    g = parent.create_group(key)
+    g.attrs["encoding-type"], g.attrs["encoding-version"] = f"{fmt}_matrix", "0.1.0"
+    g.attrs["shape"] = m.shape
+    for name in ("data", "indices", "indptr"):
+        g.create_dataset(name, data=getattr(m, name))
+
+
 def _write_h5ad(path, x, labels, fmt="csr", categorical="codes"):
     """An AnnData-style file: X (dense / CSR / CSC group), obs with a categorical cell_type, var."""
     with h5py.File(path, "w") as f:
         f.attrs["encoding-type"] = "anndata"
-        if fmt == "dense":
-            f.create_dataset("X", data=x.astype(np.float32))
-        else:
-            m = sp.csr_matrix(x, dtype=np.float32) if fmt == "csr" else sp.csc_matrix(x, dtype=np.float32)
-            g = f.create_group("X")
-            g.attrs["encoding-type"] = f"{fmt}_matrix"
-            g.attrs["shape"] = m.shape
-            for key in ("data", "indices", "indptr"):
-                g.create_dataset(key, data=getattr(m, key))
+        _write_anndata_matrix(f, "X", x, fmt)
         categories, codes = np.unique(labels, return_inverse=True)
         obs = f.create_group("obs")
         obs.attrs["_index"] = "_index"
@@ -240,6 +246,301 @@ def test_load_reads_a_dense_matrix_in_blocks(tmp_path, monkeypatch, chunks):
         f.create_dataset("Y", data=_strings(labels))
     monkeypatch.setattr(datasets, "BLOCK_ENTRIES", 7 * 12)  # 7 rows a block (4 when chunked)
     _assert_same(datasets.load(path), x, labels)
+
+
+def _barcodes(n, seed=0):
+    """n distinct 10x-style cell barcodes: 16 bases and a GEM well suffix."""
+    rng = np.random.default_rng(seed)
+    return np.array(["".join(rng.choice(list("ACGT"), 16)) + "-1" for _ in range(n)])
+
+
+def _write_xy(path, x, labels=None, genes=None, cells=None):
+    """The toy data in the X/Y layout, the reference every other layout is compared with."""
+    arrays = dict(X=x, Y=None if labels is None else _strings(labels),
+                  genes=None if genes is None else _strings(genes),
+                  cells=None if cells is None else _strings(cells))
+    return _write(path, **{key: value for key, value in arrays.items() if value is not None})
+
+
+def _assert_same_as_xy(ds, tmp_path, x, labels=None, genes=None, cells=None):
+    """ds holds what the same counts, names and labels give in the X/Y layout."""
+    ref = datasets.load(_write_xy(tmp_path / "reference.h5", x, labels, genes, cells))
+    assert sp.isspmatrix_csr(ds.counts) and ds.counts.dtype == np.float32
+    assert (ds.counts != ref.counts).nnz == 0 and ds.counts.shape == ref.counts.shape
+    np.testing.assert_array_equal(ds.gene_names, ref.gene_names)
+    np.testing.assert_array_equal(ds.cell_names, ref.cell_names)
+    if labels is None:
+        assert ds.labels is None
+    else:
+        np.testing.assert_array_equal(ds.label_names[ds.labels], ref.label_names[ref.labels])
+
+
+def _write_cellranger(path, x, genes, barcodes, version=3, other=()):
+    """Counts (cells x genes) as Cell Ranger writes filtered_feature_bc_matrix.h5: v3 and later,
+    group matrix (genes x cells by column: CSC), features/{_all_tag_keys, feature_type, genome,
+    id, name}; v2 (filtered_gene_bc_matrices_h5.h5), one group per genome with genes and
+    gene_names. other: (name, type, counts per cell) features of another modality, appended."""
+    names, types = list(genes), ["Gene Expression"] * len(genes)
+    for name, kind, column in other:
+        x = np.column_stack([x, column])
+        names.append(name)
+        types.append(kind)
+    m = sp.csc_matrix(np.asarray(x).T)  # genes x cells, one column (indptr entry) per cell
+    with h5py.File(path, "w") as f:
+        f.attrs["filetype"], f.attrs["version"] = "matrix", 2
+        group = f.create_group("matrix" if version == 3 else "mm10")
+        group.create_dataset("barcodes", data=_strings(barcodes))
+        group.create_dataset("data", data=m.data.astype(np.int32), compression="gzip")
+        group.create_dataset("indices", data=m.indices.astype(np.int64), compression="gzip")
+        group.create_dataset("indptr", data=m.indptr.astype(np.int64))
+        group.create_dataset("shape", data=np.array(m.shape, dtype=np.int32))
+        ids = _strings([f"ENSMUSG{j:011d}" for j in range(len(names))])
+        if version == 2:
+            group.create_dataset("genes", data=ids)
+            group.create_dataset("gene_names", data=_strings(names))
+            return path
+        features = group.create_group("features")
+        features.create_dataset("_all_tag_keys", data=_strings(["genome"]))
+        features.create_dataset("feature_type", data=_strings(types))
+        features.create_dataset("genome", data=_strings(["mm10"] * len(names)))
+        features.create_dataset("id", data=ids)
+        features.create_dataset("name", data=_strings(names))
+    return path
+
+
+@pytest.mark.parametrize("version", [3, 2])
+def test_load_cellranger_h5(tmp_path, version):
+    x, _ = _toy()
+    genes, cells = [f"Gene{j}" for j in range(x.shape[1])], _barcodes(len(x))
+    ds = datasets.load(_write_cellranger(tmp_path / "filtered.h5", x, genes, cells, version))
+    _assert_same_as_xy(ds, tmp_path, x, genes=genes, cells=cells)
+    assert ds.notes == [] and ds.name == "filtered"
+
+
+def test_load_cellranger_h5_keeps_gene_expression_and_counts_the_rest(tmp_path):
+    x, _ = _toy()
+    genes, cells = [f"Gene{j}" for j in range(x.shape[1])], _barcodes(len(x))
+    other = [("CD3_TotalSeqB", "Antibody Capture", np.arange(30)),
+             ("CD4_TotalSeqB", "Antibody Capture", np.arange(30) % 7),
+             ("sgRNA1", "CRISPR Guide Capture", np.ones(30, int))]
+    ds = datasets.load(_write_cellranger(tmp_path / "multi.h5", x, genes, cells, other=other))
+    _assert_same_as_xy(ds, tmp_path, x, genes=genes, cells=cells)
+    assert ds.notes == [f"{tmp_path / 'multi.h5'}: kept the 12 Gene Expression features; set aside "
+                        "2 Antibody Capture, 1 CRISPR Guide Capture"]
+
+
+def _normalised(x):
+    """What X holds after scanpy's normalize_total (to 10,000) and log1p."""
+    return np.log1p(x / x.sum(1, keepdims=True) * 1e4).astype(np.float32)
+
+
+def _write_processed_h5ad(path, x, labels, counts_in="layers", more_genes=None):
+    """An .h5ad saved after normalize_total and log1p: X normalised; the raw counts x kept in
+    layers["counts"] (scvi-tools' convention) or in .raw (raw/X, raw/var), where raw can hold
+    more genes than X (more_genes: their counts, the columns after x's)."""
+    _write_h5ad(path, _normalised(x), labels)
+    with h5py.File(path, "r+") as f:
+        layers = f.require_group("layers")
+        layers.attrs["encoding-type"], layers.attrs["encoding-version"] = "dict", "0.1.0"
+        _write_anndata_matrix(layers, "lognorm", _normalised(x))
+        if counts_in == "layers":
+            _write_anndata_matrix(layers, "counts", x)
+            return path
+        raw_x = x if more_genes is None else np.hstack([x, more_genes])
+        raw = f.create_group("raw")
+        raw.attrs["encoding-type"], raw.attrs["encoding-version"] = "raw", "0.1.0"
+        _write_anndata_matrix(raw, "X", raw_x)
+        var = raw.create_group("var")
+        var.attrs["_index"], var.attrs["encoding-type"] = "_index", "dataframe"
+        var.create_dataset("_index", data=_strings([f"g{j}" for j in range(raw_x.shape[1])]))
+    return path
+
+
+def test_load_h5ad_finds_the_counts_in_layers_counts(tmp_path):
+    x, labels = _toy()
+    path = _write_processed_h5ad(tmp_path / "processed.h5ad", x, labels)
+    genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
+    ds = datasets.load(path)
+    _assert_same_as_xy(ds, tmp_path, x, labels, genes, cells)
+    fractions = np.count_nonzero(_normalised(x) % 1)
+    assert ds.notes == [f"{path}: {fractions} non-integer counts in X (raw counts expected, not "
+                        "normalised or log data); read the raw counts in layers/counts"]
+    named = datasets.load(path, layer="counts")
+    _assert_same_as_xy(named, tmp_path, x, labels, genes, cells)
+    assert named.notes == []
+
+
+def test_load_h5ad_layer_raw_reads_raw_x_and_its_genes(tmp_path):
+    x, labels = _toy()
+    extra = np.arange(60).reshape(30, 2) % 4  # raw keeps two genes that X left out
+    path = _write_processed_h5ad(tmp_path / "processed.h5ad", x, labels, "raw", extra)
+    ds = datasets.load(path, layer="raw")
+    _assert_same_as_xy(ds, tmp_path, np.hstack([x, extra]), labels, [f"g{j}" for j in range(14)],
+                       [f"c{i}" for i in range(30)])
+    assert ds.counts.shape == (30, 14) and ds.notes == []
+
+
+def _write_loom(path, x, genes, cells, labels=None, layers=None):
+    """Counts (cells x genes) as loompy 3 writes a .loom file: matrix genes x cells (gzip, chunks
+    of at most 64 x 64), attrs/LOOM_SPEC_VERSION, row_attrs (Gene, Accession), col_attrs (CellID,
+    ClusterName), layers, col_graphs, row_graphs; strings variable-length UTF-8."""
+    text = h5py.string_dtype()
+    with h5py.File(path, "w") as f:
+        f.create_group("attrs").create_dataset("LOOM_SPEC_VERSION", data="3.0.0", dtype=text)
+        chunks = (min(64, x.shape[1]), min(64, x.shape[0]))
+        f.create_dataset("matrix", data=x.T.astype(np.float32), chunks=chunks, compression="gzip")
+        group = f.create_group("layers")
+        for name, values in (layers or {}).items():
+            group.create_dataset(name, data=values.T, chunks=chunks, compression="gzip")
+        rows, cols = f.create_group("row_attrs"), f.create_group("col_attrs")
+        rows.create_dataset("Gene", data=np.array(genes, dtype=object), dtype=text)
+        rows.create_dataset("Accession", data=np.array([f"ENSG{j:011d}" for j in range(len(genes))],
+                                                       dtype=object), dtype=text)
+        cols.create_dataset("CellID", data=np.array(cells, dtype=object), dtype=text)
+        if labels is not None:
+            cols.create_dataset("ClusterName", data=np.array(labels, dtype=object), dtype=text)
+        cols.create_dataset("Clusters", data=np.unique(labels, return_inverse=True)[1] if labels is not None
+                            else np.zeros(len(cells), int))
+        f.create_group("col_graphs")
+        f.create_group("row_graphs")
+    return path
+
+
+def test_load_loom(tmp_path):
+    x, labels = _toy()
+    genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
+    path = _write_loom(tmp_path / "toy.loom", x, genes, cells, labels)
+    ds = datasets.load(path)
+    _assert_same_as_xy(ds, tmp_path, x, labels, genes, cells)
+    assert ds.notes == [] and ds.name == "toy"
+    clusters = datasets.load(path, label_key="Clusters")
+    codes = np.unique(labels, return_inverse=True)[1]
+    np.testing.assert_array_equal(clusters.label_names[clusters.labels], codes.astype(str))
+
+
+def test_load_loom_reads_a_layer_only_when_asked(tmp_path):
+    x, labels = _toy()
+    genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
+    spliced = x // 2
+    path = _write_loom(tmp_path / "velocyto.loom", x, genes, cells, labels, {"spliced": spliced})
+    _assert_same_as_xy(datasets.load(path), tmp_path, x, labels, genes, cells)
+    _assert_same_as_xy(datasets.load(path, layer="spliced"), tmp_path, spliced, labels, genes, cells)
+
+
+def _write_r_csv(path, table, row_names, col_names):
+    """A table as R's write.csv writes a matrix: quoted names, an empty corner cell."""
+    lines = [",".join(f'"{name}"' for name in ["", *col_names])]
+    lines += [",".join([f'"{name}"', *map(str, row)]) for name, row in zip(row_names, table)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _synthetic_counts(n_cells=240, n_genes=120):
+    """Counts whose genes differ in how often they are detected, as real genes do."""
+    data = datasets.synthetic(n_cells=n_cells, n_genes=n_genes, n_clusters=3, seed=2)
+    return np.asarray(data.counts), data.label_names[data.labels]
+
+
+ORIENTATION_EVIDENCE = [  # (counts, gene names, cell names, what the note gives as the reason)
+    (_toy()[0], [f"ENSMUSG{j:011d}" for j in range(12)], [f"cell{i}" for i in range(30)],
+     "names look like gene ids or mitochondrial genes"),
+    (_toy()[0], ["Actb", "MT-CO1", "mt-Nd4l", *[f"Gm{j}" for j in range(9)]], [f"cell{i}" for i in range(30)],
+     "names look like gene ids or mitochondrial genes"),
+    (_toy()[0], [f"Gene{j}" for j in range(12)], _barcodes(30), "names look like cell barcodes"),
+    (_synthetic_counts()[0], [f"r{j}" for j in range(120)], [f"c{i}" for i in range(240)],
+     "times wider, as genes' do"),
+]
+
+
+@pytest.mark.parametrize("x, genes, cells, reason", ORIENTATION_EVIDENCE,
+                         ids=["ensembl", "mitochondrial", "barcodes", "detection"])
+def test_load_tells_which_way_a_table_lies_and_says_so(tmp_path, x, genes, cells, reason):
+    from_r = datasets.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells))  # genes x cells
+    _assert_same_as_xy(from_r, tmp_path, x, genes=genes, cells=cells)
+    [note] = from_r.notes
+    assert note.startswith(f"{tmp_path / 'from_r.csv'}: read the rows of the table as genes and its "
+                           "columns as cells (")
+    assert reason in note and note.endswith("; --no-transpose reads them the other way")
+    as_is = datasets.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes))  # cells x genes
+    _assert_same_as_xy(as_is, tmp_path, x, genes=genes, cells=cells)
+    [note] = as_is.notes
+    assert "read the rows of the table as cells and its columns as genes" in note and reason in note
+    assert note.endswith("; --transpose reads them the other way")
+
+
+def test_load_transpose_says_which_way_a_table_lies(tmp_path):
+    x, _ = _toy()
+    genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
+    path = _write_r_csv(tmp_path / "toy.csv", x, cells, genes)
+    [note] = datasets.load(path).notes  # Poisson counts, plain names: nothing tells the axes apart
+    assert "as cells and its columns as genes (nothing tells its axes apart" in note
+    _assert_same_as_xy(datasets.load(path, transpose=False), tmp_path, x, genes=genes, cells=cells)
+    flipped = datasets.load(path, transpose=True)
+    _assert_same_as_xy(flipped, tmp_path, x.T, genes=cells, cells=genes)
+    assert flipped.notes == [] and datasets.load(path, transpose=False).notes == []
+    counts, _ = _synthetic_counts()
+    path = _write(tmp_path / "genes_by_cells.h5", X=counts.T)  # no labels, no names: the counts decide
+    ds = datasets.load(path)
+    assert ds.counts.shape == (240, 120) and "read the rows of X as genes" in ds.notes[0]
+    assert datasets.load(path, transpose=False).counts.shape == (120, 240)
+
+
+def _write_label_file(path, names, labels, header=("barcode", "cell_type")):
+    """A label file as a spreadsheet or R's write.table leaves it: (cell name, label) rows, a
+    header or none, comma- or tab-separated by its suffix, gzipped when it ends in .gz."""
+    sep = "," if ".csv" in path.name else "\t"
+    rows = ([list(header)] if header else []) + [[n, y] for n, y in zip(names, labels)]
+    text = "".join(sep.join(row) + "\n" for row in rows)
+    path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("name, header", [("annotation.csv", ("barcode", "cell_type")),
+                                          ("annotation.tsv.gz", None), ("annotation.txt", ("", "type"))])
+def test_load_label_file_matches_cells_by_name(tmp_path, name, header):
+    x, labels = _toy()
+    genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
+    path = _write_cellranger(tmp_path / "filtered.h5", x, genes, cells)
+    listed = ~MISSING  # the MISSING cells have no row; two rows name cells that are not in the file
+    names = np.concatenate([cells[listed][::-1], ["TTTTTTTTTTTTTTTT-1", "GGGGGGGGGGGGGGGG-1"]])
+    values = np.concatenate([labels[listed][::-1], ["beta", "alpha"]])
+    values[0] = "NA"  # cell 28: a label written as missing
+    table = _write_label_file(tmp_path / name, names, values, header)
+    ds = datasets.load(path, labels=table)
+    expected = np.where(listed, labels, "")
+    expected[28] = ""
+    _assert_same_as_xy(ds, tmp_path, x, expected, genes, cells)
+    assert np.count_nonzero(ds.labels == -1) == 6
+    assert ds.notes == [f"{table}: labels for 25 of 30 cells; 2 of its 27 names match no cell "
+                        "(e.g. 'TTTTTTTTTTTTTTTT-1')"]
+
+
+def test_label_file_replaces_the_files_labels_and_label_key_picks_its_column(tmp_path):
+    x, labels = _toy()
+    path = tmp_path / "toy.h5ad"
+    _write_h5ad(path, x, labels)
+    batch = np.array(["b1", "b2"])[np.arange(30) % 2]
+    table = tmp_path / "obs.csv"  # what adata.obs.to_csv() writes: the index, then every column
+    table.write_text(",n_genes,batch,cell_type\n" + "".join(
+        f"c{i},{100 + i},{batch[i]},{labels[i]}\n" for i in range(30)))
+    ds = datasets.load(path, labels=table, label_key="batch")
+    np.testing.assert_array_equal(ds.label_names[ds.labels], batch)
+    assert ds.notes == [f"{table}: labels for 30 of 30 cells (not the file's own)"]
+    with pytest.raises(ValueError, match=r"obs\.csv: 4 columns \(, n_genes, batch, cell_type, \.\.\.\)"):
+        datasets.load(path, labels=table)
+
+
+def test_label_file_tells_which_way_a_table_lies(tmp_path):
+    x, labels = _toy()  # plain names, Poisson counts: only the label file can tell the axes apart
+    genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
+    table = _write_label_file(tmp_path / "labels.csv", cells, labels)
+    from_r = datasets.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells), labels=table)
+    _assert_same_as_xy(from_r, tmp_path, x, labels, genes, cells)
+    assert from_r.notes == [f"{tmp_path / 'from_r.csv'}: transposed the table to 30 cells x 12 genes: "
+                            "the label file names its columns", f"{table}: labels for 30 of 30 cells"]
+    as_is = datasets.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes), labels=table)
+    _assert_same_as_xy(as_is, tmp_path, x, labels, genes, cells)
+    assert as_is.notes == [f"{table}: labels for 30 of 30 cells"]
 
 
 def test_preprocess_by_hand():
@@ -1754,6 +2055,43 @@ def test_cli_label_key_chooses_the_labels_scored(tmp_path, capsys):
     assert "no obs column 'donor'" in capsys.readouterr().err
 
 
+E2E_GENES, E2E_CELLS = [f"g{j}" for j in range(60)], [f"c{i}" for i in range(120)]  # _write_h5ad's names
+E2E_LAYOUTS = {  # name: (how to write the counts x and labels y into folder d -> file, its flags)
+    "cellranger_v3": lambda d, x, y: (
+        _write_cellranger(d / "filtered_feature_bc_matrix.h5", x, E2E_GENES, E2E_CELLS),
+        ["--labels", _write_label_file(d / "annotation.csv", E2E_CELLS, y)]),
+    "cellranger_v2": lambda d, x, y: (
+        _write_cellranger(d / "filtered_gene_bc_matrices_h5.h5", x, E2E_GENES, E2E_CELLS, 2),
+        ["--labels", _write_label_file(d / "annotation.tsv.gz", E2E_CELLS, y, None)]),
+    "h5ad_layers_counts": lambda d, x, y: (_write_processed_h5ad(d / "processed.h5ad", x, y), []),
+    "h5ad_raw": lambda d, x, y: (_write_processed_h5ad(d / "processed.h5ad", x, y, "raw"),
+                                 ["--layer", "raw"]),
+    "loom": lambda d, x, y: (_write_loom(d / "toy.loom", x, E2E_GENES, E2E_CELLS, y), []),
+    "r_csv": lambda d, x, y: (_write_r_csv(d / "counts.csv", x.T, E2E_GENES, E2E_CELLS),
+                              ["--labels", _write_label_file(d / "annotation.csv", E2E_CELLS, y)]),
+    "r_csv_transpose": lambda d, x, y: (_write_r_csv(d / "counts.csv", x.T, E2E_GENES, E2E_CELLS),
+                                        ["--transpose"]),
+}
+
+
+@pytest.mark.parametrize("layout", E2E_LAYOUTS)
+def test_cli_clusters_a_new_layout_as_the_same_counts_written_as_x_and_y(tmp_path, capsys, layout):
+    data = datasets.synthetic(n_cells=120, n_genes=60, n_clusters=3, seed=0)
+    x, y = np.asarray(data.counts), data.label_names[data.labels]
+    reference = _write_xy(tmp_path / "reference.h5", x, y, E2E_GENES, E2E_CELLS)
+    (tmp_path / "layout").mkdir()
+    path, flags = E2E_LAYOUTS[layout](tmp_path / "layout", x, y)
+    runs = {}
+    for name, args in (("reference", [reference]), (layout, [path, *flags])):
+        assert sctcm.main([*map(str, args), "--clusters", "3", "--seed", "1",
+                           "--out", str(tmp_path / name), *QUICK.split()]) == 0
+        runs[name] = ((tmp_path / name / "labels.csv").read_text(),
+                      json.loads((tmp_path / name / "summary.json").read_text())["metrics"])
+    assert runs[layout][0] == runs["reference"][0]  # the same cells, named the same, in the same clusters
+    if layout != "r_csv_transpose":  # labelled: the same scores
+        assert runs[layout][1] == runs["reference"][1]
+
+
 # ---------------------------------------------------------------- sctcm.cluster and --plot
 
 QUICK_KEYWORDS = dict(pretrain_epochs=3, max_epochs=3, min_epochs=1, eval_every=1, n_over=4,
@@ -2073,6 +2411,86 @@ def test_unreadable_file_is_one_line(capsys, tmp_path, name, write, message):
         datasets.load(tmp_path / name)
 
 
+def _cellranger_toy(path, change=None):
+    """The toy counts as a Cell Ranger v3 file, then change(file) applied to it."""
+    x, _ = _toy()
+    _write_cellranger(path, x, [f"Gene{j}" for j in range(12)], _barcodes(30))
+    if change:
+        with h5py.File(path, "r+") as f:
+            change(f)
+
+
+def _only_antibodies(f):
+    del f["matrix/features/feature_type"]
+    f["matrix/features/feature_type"] = _strings(["Antibody Capture"] * 12)
+
+
+LABELS = ["--labels", "labels.csv"]
+
+
+def _with_labels(path, text):
+    """The toy counts as a Cell Ranger file, and labels.csv beside it holding text."""
+    _cellranger_toy(path)
+    (path.parent / "labels.csv").write_text(text)
+
+
+def _drop(path, key):
+    """Delete the object key from the HDF5 file path."""
+    with h5py.File(path, "r+") as f:
+        del f[key]
+
+
+BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one line says)
+    ("cut_cellranger.h5", lambda p: (_cellranger_toy(p), p.write_bytes(_half(p.read_bytes()))), [], {},
+     r"cut_cellranger\.h5: truncated"),
+    ("antibodies.h5", lambda p: _cellranger_toy(p, _only_antibodies), [], {},
+     r"antibodies\.h5: no Gene Expression features \(it holds 12 Antibody Capture\)"),
+    ("no_barcodes.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("barcodes")), [], {},
+     r"no_barcodes\.h5: /matrix/barcodes is missing"),
+    ("no_names.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("features/name")), [], {},
+     r"no_names\.h5: /matrix/features/name is missing"),
+    ("spliced.h5ad", lambda p: _write_processed_h5ad(p, *_toy()), ["--layer", "spliced"],
+     dict(layer="spliced"), r"spliced\.h5ad: no layer 'spliced' \(it has counts, lognorm\)"),
+    ("in_raw.h5ad", lambda p: _write_processed_h5ad(p, *_toy(), counts_in="raw"), [], {},
+     r"in_raw\.h5ad: \d+ non-integer counts in X \(raw counts expected, not normalised or log data\); "
+     r"--layer NAME reads the raw counts from one of its layers \(lognorm, raw\)"),
+    ("lognorm.h5ad", lambda p: _write_processed_h5ad(p, *_toy()), ["--layer", "lognorm"],
+     dict(layer="lognorm"), r"lognorm\.h5ad: \d+ non-integer counts in layers/lognorm"),
+    ("no_matrix.loom",
+     lambda p: _drop(_write_loom(p, _toy()[0], [f"g{j}" for j in range(12)], _barcodes(30)), "matrix"),
+     [], {}, r"no_matrix\.loom: /matrix is missing"),
+    ("xy_layer.h5", lambda p: _write(p, X=_toy()[0]), ["--layer", "counts"], dict(layer="counts"),
+     r"xy_layer\.h5: a layer \(counts\) is for AnnData and loom files"),
+    ("layer.csv", lambda p: p.write_text(_toy_csv()), ["--layer", "counts"], dict(layer="counts"),
+     r"layer\.csv: a layer \(counts\) is for AnnData and loom files"),
+    ("fixed.h5ad", lambda p: _write_h5ad(p, *_toy()), ["--transpose"], dict(transpose=True),
+     r"fixed\.h5ad: transpose is for CSV/TSV tables and X/Y or exprs matrices"),
+    ("one_column.h5", lambda p: _with_labels(p, "c0\nc1\n"), LABELS, dict(labels="labels.csv"),
+     r"labels\.csv: one column; a label file has two, cell name and label"),
+    ("three_columns.h5", lambda p: _with_labels(p, "cell,type,batch\nc0,a,1\n"), LABELS,
+     dict(labels="labels.csv"), r"labels\.csv: 3 columns \(cell, type, batch, \.\.\.\); name the one"),
+    ("unmatched.h5", lambda p: _with_labels(p, "cell,type\nc0,a\nc1,b\nc2,a\n"), LABELS,
+     dict(labels="labels.csv"),
+     r"labels\.csv: none of its 3 names is a cell of the count matrix \(its first: 'c0'; the first "
+     r"cell: '[ACGT]{16}-1'\)"),
+    ("nameless.h5", lambda p: (_write(p, X=_toy()[0]), (p.parent / "labels.csv").write_text("c0,a\n")),
+     LABELS, dict(labels="labels.csv"), r"labels\.csv: the count matrix has no cell names"),
+    ("unlabelled.h5", _cellranger_toy, ["--labels", "nothing.csv"], dict(labels="nothing.csv"),
+     r"nothing\.csv: no such label file"),
+]
+
+
+@pytest.mark.parametrize("name, write, flags, keywords, message", BAD_LAYOUTS,
+                         ids=[b[0] for b in BAD_LAYOUTS])
+def test_bad_file_of_a_new_layout_is_one_line(capsys, tmp_path, monkeypatch, name, write, flags, keywords,
+                                              message):
+    monkeypatch.chdir(tmp_path)  # label files are named relative to it
+    write(tmp_path / name)
+    assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3", *flags))
+    with pytest.raises(ValueError, match=message):
+        datasets.load(tmp_path / name, **keywords)
+
+
 def test_file_without_read_permission_is_one_line(capsys, tmp_path, monkeypatch):
     (tmp_path / "locked.csv").write_text(_toy_csv())
 
@@ -2142,6 +2560,9 @@ def test_settings_at_the_ends_of_their_ranges_are_accepted():
 @pytest.mark.parametrize("args, message", [
     (["--demo", "--clusters", "0"], "--clusters must be at least 2, got 0"),
     (["--demo", "--label-key", "cell_type"], "--label-key"),
+    (["--demo", "--layer", "counts"], "--layer is about a file's contents"),
+    (["--demo", "--no-transpose"], "--transpose is about a file's contents"),
+    (["--demo", "--labels", "labels.csv"], "--labels is about a file's contents"),
     (["toy.csv", "--clusters", "3", "--label-key", "cell_type"], "toy.csv: a label key (cell_type)"),
 ])
 def test_meaningless_flags_are_refused(capsys, tmp_path, monkeypatch, args, message):
