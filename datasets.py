@@ -1056,20 +1056,21 @@ SYN_INFORMATIVE = 0.7  # fraction of genes that depend on the latent position
 SYN_DROPOUT = 0.6      # pi_ig = SYN_DROPOUT / (1 + mu_ig): dropout hits weakly expressed entries
 
 
-def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0):
+def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0):
     """Labelled ZINB counts whose clusters lie on curved manifolds (the demo and test data).
 
     Latent z: clusters 2p and 2p+1 are two interlocking arcs thickened into bent sheets (_bent_sheets).
     Genes: eta_ig = b_g + m_g (tanh(z_i W1 + c) W2)_g, a random one-hidden-layer map; m_g = 1 for a
     fraction SYN_INFORMATIVE of the genes, 0 for the rest. Counts: mu_ig = l_i softmax_g(eta_i)
-    with library sizes l_i log-normal (median 3000); X_ig ~ NB(mu_ig, theta_g) drawn as
-    Poisson(Gamma(theta_g, mu_ig / theta_g)); then a dropout zero with probability pi_ig.
+    with library sizes l_i log-normal (median `depth` counts per cell, 3000 by default: UMI-like);
+    X_ig ~ NB(mu_ig, theta_g) drawn as Poisson(Gamma(theta_g, mu_ig / theta_g)); then a dropout
+    zero with probability pi_ig.
     Deterministic for a seed. -> Dataset: counts (n_cells, n_genes) int64 dense, labels 0..K-1."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n_cells) % n_clusters)
     z = _bent_sheets(labels, n_clusters, rng)
     eta = _random_decoder(z, n_genes, rng)
-    library = rng.lognormal(np.log(3000.0), 0.35, n_cells)
+    library = rng.lognormal(np.log(depth), 0.35, n_cells)
     profile = np.exp(eta - eta.max(axis=1, keepdims=True))
     mu = library[:, None] * profile / profile.sum(axis=1, keepdims=True)
     theta = rng.lognormal(np.log(4.0), 0.5, n_genes)  # NB inverse dispersion, one per gene

@@ -12,8 +12,10 @@ stopped. K is the number of labels of each file, as in the paper. Then OUT/resul
 the tables, OUT/fig2_<dataset>.csv the ID and LID curves, and OUT/fig2_<dataset>.png a plot
 when matplotlib happens to be installed.
 
-benchmark() times the parts of one epoch on a file (README, "Many cells"):
+benchmark() times the parts of one epoch on a file (README, "Many cells"); depth_series() runs
+the synthetic cells at several sequencing depths (RESULTS.md, "Deep counts"):
     python -c "import reproduce; reproduce.benchmark('synthetic_100k.h5', 6)"
+    OMP_NUM_THREADS=1 python -c "import reproduce; reproduce.depth_series()"
 """
 import argparse
 import csv
@@ -281,6 +283,25 @@ def benchmark(path, n_clusters, repeats=3, **config):
     print(f"{n} cells, {losses} losses | "
           + " | ".join(f"{name} {value:.3f} s" for name, value in seconds.items()))
     return seconds
+
+
+def depth_series(depths=(1e3, 3e3, 3e4, 3e5, 3e6), seeds=(0, 1, 2), scale=1, **config):
+    """RESULTS.md's depth table: the demo's cells (datasets.synthetic, K = 6) drawn at each median
+    depth, their counts times scale, one default run per seed (config: other Config fields),
+    one markdown row each: depth, scale, seed, ARI, L_A at the end of phase 1, beta_c, reliable
+    cells at the end, seconds, warnings."""
+    for depth in depths:
+        for seed in seeds:
+            data = datasets.synthetic(depth=depth)
+            data.counts = data.counts * np.int64(scale)
+            settings, start, lines = sctcm.Config(seed=seed, **config), time.time(), []
+            prepared, adjacency = sctcm.prepare(data, 6, settings)
+            result = sctcm.fit(prepared, adjacency, 6, settings, log=lines.append)
+            l_a = [row for row in result.history if row["phase"] == 1][-1]["L_A"]
+            beta_c = next(line for line in lines if "beta_c" in line).split()[4]
+            print(f"| {depth:,.0f} | {scale} | {seed} | {result.metrics['ari']:.3f} | {l_a:.2f} | "
+                  f"{beta_c} | {result.history[-1]['reliable_c']} | {time.time() - start:.0f} | "
+                  f"{len(result.metrics['warnings'])} |", flush=True)
 
 
 def _parser():

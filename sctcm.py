@@ -256,18 +256,32 @@ class FeatureHead(nn.Module):
     """f_D^(2) of Eq. (3): an MLP from z to the ZINB parameters of every gene.
 
     Returns pi (dropout probability), rate (the mean before the size factor: mu = s_i * rate)
-    and theta (inverse dispersion, the paper's sigma^2 head). The clamps are DCA's ranges."""
+    and theta (inverse dispersion, the paper's sigma^2 head). The clamps are DCA's ranges.
 
-    def __init__(self, latent, widths, n_genes):
+    log_mean: optional (g,) log of each gene's mean normalised count, mean_i x_ig / s_i
+    (log_mean). log(rate) = W_mu h + b is a GLM on h; its intercept b starts at log_mean, the
+    maximum-likelihood rate of a model without z, so the codes only carry the deviations from
+    it at any sequencing depth (from rate 1, 100 Adam steps cannot move b to log(depth / g),
+    and the codes grow to reach the count scale instead). DCA's ceiling of 1e6 on the rate is
+    in the units of UMI data, mean about 1; it becomes 1e6 times the gene's mean, which stays
+    above every normalised count x_ig / s_i <= n mean_g of up to 1e6 cells."""
+
+    def __init__(self, latent, widths, n_genes, log_mean=None):
         super().__init__()
         sizes = (latent, *widths)
         self.mlp = nn.Sequential(*[m for a, b in zip(sizes, sizes[1:])
                                    for m in (nn.Linear(a, b), nn.ReLU())])
         self.pi, self.mu, self.theta = (nn.Linear(sizes[-1], n_genes) for _ in range(3))
+        log_cap = torch.full((n_genes,), np.log(1e6))
+        if log_mean is not None:
+            with torch.no_grad():
+                self.mu.bias.copy_(log_mean)
+            log_cap += log_mean.cpu()
+        self.register_buffer("log_cap", log_cap)
 
     def forward(self, z):
         h = self.mlp(z)
-        rate = torch.exp(self.mu(h).clamp(max=np.log(1e6)))
+        rate = torch.exp(torch.minimum(self.mu(h), self.log_cap))
         theta = F.softplus(self.theta(h)).clamp(1e-4, 1e4)
         return torch.sigmoid(self.pi(h)), rate, theta
 
@@ -276,10 +290,10 @@ class Model(nn.Module):
     """The generator f_D^(2) o f_E (encoder and feature head), the parameters W of the paper;
     the structure head sigmoid(z_i . z_j) of Eq. (2) has no parameters."""
 
-    def __init__(self, n_genes, config):
+    def __init__(self, n_genes, config, log_mean=None):
         super().__init__()
         self.encoder = Encoder(n_genes, config.hidden, config.latent, config.dropout)
-        self.features = FeatureHead(config.latent, config.decoder, n_genes)
+        self.features = FeatureHead(config.latent, config.decoder, n_genes, log_mean)
 
 
 @dataclass
@@ -502,6 +516,14 @@ def tensors(prepared, adjacency, device):
     }
 
 
+def log_mean(data):
+    """log(mean_i x_ig / s_i), (g,): the log rate of each gene without z, the intercept of the
+    mean head (FeatureHead). Floored at the mean of one count in 1e6 cells, so that a gene
+    without counts gets a finite intercept."""
+    counts, inverse_s = data["counts"], 1 / data["size_factors"][:, 0]
+    return torch.log((inverse_s @ counts / len(counts)).clamp_min(1e-6))  # no (n, g) temporary
+
+
 class Sampler:
     """The Batch of each epoch (Config.losses: "sampled", or "auto" above batch_size cells).
     Sampled path: batch_size cells without replacement (the cells of Eqs. 3, 7, 10) and, for
@@ -531,7 +553,7 @@ def setup(prepared, adjacency, config):
     device = torch.device(config.device)
     data = tensors(prepared, adjacency, device)
     sampler = Sampler(len(prepared.x), data["edges"].shape[1], config, device)
-    return data, sampler, Model(prepared.x.shape[1], config).to(device)
+    return data, sampler, Model(prepared.x.shape[1], config, log_mean(data)).to(device)
 
 
 def optimise(optimizer, loss):
@@ -619,6 +641,24 @@ def _log(row, log):
     log(" | ".join(parts))
 
 
+def run_warnings(history):
+    """One line for each sign in a run's history that its labels mean little: the structure
+    loss L_A ended phase 1 above log 2, its value at Z = 0 (the codes fit A worse than codes
+    that say nothing: their scale has blown up, and Student-t margins of Eq. 5 mean little),
+    or the reliable set of Eq. (6) was empty at the last target update (q = p, L_c = 0: phase 2
+    did not cluster). history: fit's rows -> list of str, empty for a healthy run."""
+    lines = []
+    phase1 = [row for row in history if row["phase"] == 1]
+    phase2 = [row for row in history if row["phase"] == 2]
+    if phase1 and phase1[-1]["L_A"] > np.log(2):
+        lines.append(f"L_A ended phase 1 at {phase1[-1]['L_A']:.3f}, above log 2 = 0.693 (the "
+                     "value of Z = 0): the codes blew up and their clusters may mean little")
+    if phase2 and phase2[-1]["reliable_c"] == 0:
+        lines.append("no cell was reliable (Eq. 6) at the last target update: q = p, L_c = 0 "
+                     "and L_g has no inputs, so phase 2 did not sharpen the clusters")
+    return lines
+
+
 # ---------------------------------------------------------------- Sec. 3.2: the two phases
 
 def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
@@ -638,7 +678,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     estimates of the same losses at a cost linear in n; the number of steps does not grow with
     n, so the passes over the data fall as batch_size / n (the shape of scvi-tools' rule). Both
     paths encode every cell exactly (Eq. 1) and compute targets, reliable sets and ID/LID on
-    all of them."""
+    all of them. Result.metrics: the scores (when labels are known), phase2_epochs and warnings
+    (run_warnings' lines, also logged; empty for a healthy run)."""
     config = config or Config()
     check_config(config)
     if start is not None:
@@ -735,8 +776,11 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     # --- final labels: argmax of Eq. (5)
     z = codes(model, data)
     labels = soft_assign(z, phi_c).argmax(1).cpu().numpy()
+    alerts = run_warnings(history)
+    for line in alerts:
+        log(f"warning: {line}")
     return Result(labels=labels, embedding=z.cpu().numpy(), history=history,
-                  metrics={**scores(y, labels), "phase2_epochs": epoch})
+                  metrics={**scores(y, labels), "phase2_epochs": epoch, "warnings": alerts})
 
 
 # ---------------------------------------------------------------- one call: counts in, labels out

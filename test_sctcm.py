@@ -796,6 +796,9 @@ def test_synthetic_is_deterministic_labelled_counts():
     assert 1000 < np.median(library) < 10000 and 0.3 < np.mean(a.counts == 0) < 0.95
     small = datasets.synthetic(n_cells=90, n_genes=40, n_clusters=3, seed=1)
     assert small.counts.shape == (90, 40) and set(small.labels) == {0, 1, 2}
+    deep = datasets.synthetic(seed=3, depth=3e6)    # the same cells and types, 1000x the reads
+    np.testing.assert_array_equal(deep.labels, a.labels)
+    assert 800 < np.median(deep.counts.sum(1)) / np.median(library) < 1200
 
 
 def test_synthetic_clusters_are_graph_separable():
@@ -962,6 +965,27 @@ def test_zinb_mean_floored_at_eps_stays_finite():
     nll.sum().backward()
     assert torch.isfinite(mu.grad).all() and torch.isfinite(theta.grad).all()
     assert mu.grad[:2].eq(0).all() and theta.grad[2] == 0      # the floor is flat
+
+
+def test_zinb_float32_at_deep_counts_matches_scipy_and_the_closed_form_gradient():
+    """Counts of 1e4 to 1e9 per entry (deep sequencing, UMI counts x 50,000) in float32: the
+    value against scipy's float64 NB, d/dlog(mu) against its closed form theta (mu - x) /
+    (theta + mu) in float64. Both are O(1)-O(20) while the lgamma terms are ~ x log x ~ 2e9."""
+    rng = np.random.default_rng(0)
+    mu, theta = (a.ravel() for a in np.meshgrid([1e4, 1e6, 1e8], [0.5, 4.0, 50.0]))
+    mu, theta = np.repeat(mu, 50), np.repeat(theta, 50)
+    x = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32).astype(np.float64)
+    log_mu = torch.tensor(np.log(mu), dtype=torch.float32, requires_grad=True)
+    nll = zinb_nll(torch.tensor(x, dtype=torch.float32), log_mu.exp(),
+                   torch.tensor(theta, dtype=torch.float32), 0.0, reduction="none")
+    nll.sum().backward()
+    mu32 = log_mu.detach().exp().double().numpy()       # the mean float32 actually holds
+    reference = -stats.nbinom.logpmf(x, theta, theta / (theta + mu32))
+    np.testing.assert_allclose(nll.detach().numpy(), reference, rtol=0, atol=0.02)
+    np.testing.assert_allclose(log_mu.grad.numpy(), theta * (mu32 - x) / (theta + mu32),
+                               rtol=0, atol=1e-3)
+
+
 
 
 # ---------------------------------------------------------------- geometry.py
@@ -1572,8 +1596,8 @@ def test_a_discriminator_learns_two_shifted_clouds_of_1500_genes():
         assert loss() < 0.5 * 2 * np.log(2)
 
 
-def _tiny_problem(n_cells=300, seed=0):
-    data = datasets.synthetic(n_cells=n_cells, n_genes=200, n_clusters=3, seed=seed)
+def _tiny_problem(n_cells=300, seed=0, depth=3000.0):
+    data = datasets.synthetic(n_cells=n_cells, n_genes=200, n_clusters=3, seed=seed, depth=depth)
     prepared = datasets.preprocess(data, n_top_genes=150)
     return prepared, datasets.knn_graph(prepared.x, k=10, n_pcs=20)
 
@@ -1612,6 +1636,63 @@ def _snapshot(module):
 
 def _changed(module, before):
     return [not torch.equal(p, q) for p, q in zip(module.parameters(), before)]
+
+
+def test_log_mean_is_the_log_of_each_genes_mean_normalised_count_by_hand():
+    counts = torch.tensor([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [5.0, 6.0, 0.0]])
+    s = torch.tensor([[0.5], [1.0], [2.0]])
+    # gene 0: (1/0.5 + 3/1 + 5/2) / 3 = 2.5; gene 1: 6/2 / 3 = 1; gene 2: no counts, the floor
+    expected = torch.log(torch.tensor([2.5, 1.0, 1e-6]))
+    torch.testing.assert_close(sctcm.log_mean({"counts": counts, "size_factors": s}), expected)
+
+
+def test_feature_head_starts_at_each_genes_mean_and_caps_the_rate_at_1e6_times_it():
+    """The GLM intercept of the mean head: with W_mu = 0 the rate is exp(b) = the gene's mean for
+    every cell; the ceiling is 1e6 times that mean (1e6 without log_mean, DCA's)."""
+    log_mean = torch.log(torch.tensor([1e-3, 1.0, 3e3, 1e7]))
+    z = torch.randn(5, 3)
+    for start, ceiling in ((log_mean, 1e6 * log_mean.exp()), (None, torch.full((4,), 1e6))):
+        head = sctcm.FeatureHead(3, (8,), 4, start)
+        with torch.no_grad():
+            head.mu.weight.zero_()
+        if start is not None:
+            torch.testing.assert_close(head(z)[1], start.exp().expand(5, 4))
+        with torch.no_grad():
+            head.mu.bias.fill_(100.0)                        # exp(100) overflows float32
+        torch.testing.assert_close(head(z)[1], ceiling.expand(5, 4))
+
+
+def test_initial_feature_gradient_on_the_codes_does_not_grow_with_depth():
+    """The cause of the deep-count failure, measured at the first step: without the intercept
+    the mean head starts at rate 1, and at 3e6 counts per cell the gradient of L_X on Z is
+    ~1000 times the one at 3000 (it then drives the codes far out of the scale of Eq. 2 and 5).
+    Started at the genes' means it is the same at both depths, within a factor 2."""
+    norms = []
+    for depth in (3000.0, 3e6):
+        prepared, adjacency = _tiny_problem(depth=depth)
+        data, config = _tiny_data(prepared, adjacency), _tiny_config()
+        torch.manual_seed(0)
+        model = sctcm.Model(prepared.x.shape[1], config, sctcm.log_mean(data)).eval()
+        z = model.encoder(data["x"], data["a_norm"])
+        _, l_x = sctcm.feature_loss(model, data, z, sctcm.Batch())
+        norms.append(torch.autograd.grad(l_x, z)[0].norm().item())
+    assert 0.5 < norms[1] / norms[0] < 2
+
+
+def test_run_warnings_flag_blown_up_codes_and_an_empty_reliable_set():
+    """From the last phase-1 row (L_A above log 2 = 0.6931) and the last phase-2 row
+    (reliable_c == 0); earlier rows do not count."""
+    p1 = lambda l_a: {"phase": 1, "L_A": l_a}
+    p2 = lambda reliable: {"phase": 2, "reliable_c": reliable}
+    assert sctcm.run_warnings([p1(9.0), p1(0.69), p2(0), p2(12)]) == []
+    (line,) = sctcm.run_warnings([p1(0.5), p1(0.70), p2(3)])
+    assert "L_A ended phase 1 at 0.700" in line
+    (line,) = sctcm.run_warnings([p1(0.4), p2(5), p2(0)])
+    assert "no cell was reliable" in line
+    assert len(sctcm.run_warnings([p1(13.0), p2(0)])) == 2
+    assert sctcm.run_warnings([p1(0.4)]) == []
+
+
 
 
 def test_self_supervision_scores_raw_counts_with_mu_equal_to_size_factor_times_rate():
@@ -1780,20 +1861,62 @@ def test_phase2_targets_are_fixed_within_each_update_window(monkeypatch):
 
 @pytest.mark.slow
 def test_training_lowers_the_losses_and_improves_the_codes():
-    """Against the same model untrained (lr 1e-30: its loss and k-means ARI are the untrained ones):
-    phase 1 halves L_X and makes k-means on Z better, and the whole run clusters well. L_A is
-    checked trained alone: with L_X it grows, as the codes grow to fit the counts."""
+    """Against the same model untrained (lr 1e-30: its loss and k-means ARI are the untrained ones;
+    its mean head starts at each gene's mean, so its L_X is the intercept-only model's): phase 1
+    lowers L_X and L_A together, makes k-means on Z better, and the whole run clusters well.
+    L_A is also checked trained alone."""
     prepared, adjacency = _tiny_problem()
     run = lambda **changes: sctcm.fit(prepared, adjacency, 3, _tiny_config(**changes),
                                       log=lambda line: None)
     untrained = run(pretrain_epochs=1, lr_pretrain=1e-30, max_epochs=1, min_epochs=1).history[0]
     trained = run(pretrain_epochs=40, eval_every=10, max_epochs=6, min_epochs=6)
     end_of_phase1 = [row for row in trained.history if row["phase"] == 1][-1]
-    assert end_of_phase1["L_X"] < 0.5 * untrained["L_X"]
+    assert end_of_phase1["L_X"] < 0.98 * untrained["L_X"]
+    assert end_of_phase1["L_A"] < 0.75 * untrained["L_A"]
     assert end_of_phase1["kmeans_ari"] > untrained["kmeans_ari"] + 0.2
     assert trained.metrics["ari"] > 0.95
     structure_only = run(pretrain_epochs=20, eval_every=20, w_x=0.0, max_epochs=1, min_epochs=1)
     assert structure_only.history[0]["L_A"] < 0.75 * untrained["L_A"]
+
+
+@pytest.mark.slow
+def test_the_same_cells_cluster_alike_at_umi_and_smart_seq2_depth():
+    """Issue 24: 300 cells x 1000 genes drawn at 3000 and at 3e6 counts per cell (UMI and
+    Smart-seq2 read depth). Before the mean head's intercept, the 3e6 run ended phase 1 with
+    L_A 21 (codes of median norm 5.3, against 1.7 at 3000), its reliable set emptied and its
+    ARI was 0.75 (1.0 at 3000). Both runs must end phase 1 with L_A below log 2, keep reliable
+    cells, reach ARIs within 0.05 of each other and warn of nothing."""
+    runs = []
+    for depth in (3000.0, 3e6):
+        data = datasets.synthetic(n_cells=300, n_genes=1000, n_clusters=3, seed=0, depth=depth)
+        prepared = datasets.preprocess(data)
+        adjacency = datasets.knn_graph(prepared.x, k=10, n_pcs=20)
+        config = sctcm.Config(pretrain_epochs=100, max_epochs=30, min_epochs=30, eval_every=10,
+                              update_every=10, n_over=12, hidden=32, disc_hidden=8, n_cvx=8)
+        runs.append(sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None))
+    for run in runs:
+        assert [row for row in run.history if row["phase"] == 1][-1]["L_A"] < np.log(2)
+        assert run.history[-1]["reliable_c"] > 0
+    umi, deep = (run.metrics["ari"] for run in runs)
+    assert umi > 0.9 and abs(deep - umi) <= 0.05
+    assert all(run.metrics["warnings"] == [] for run in runs)
+
+
+@pytest.mark.slow
+def test_umi_counts_times_50000_train_as_the_counts_do():
+    """Counts up to ~3e8 per entry (the tiny problem x 50,000): phase 1 ends with L_A below
+    log 2 and the run clusters (before the intercept and the exact float32 ZINB terms, L_A
+    reached 6.6 here, and the demo data x 50,000 diverged)."""
+    data = datasets.synthetic(n_cells=300, n_genes=200, n_clusters=3, seed=0)
+    prepared = datasets.preprocess(dataclasses.replace(data, counts=data.counts * 50_000),
+                                   n_top_genes=150)
+    adjacency = datasets.knn_graph(prepared.x, k=10, n_pcs=20)
+    config = _tiny_config(pretrain_epochs=100, eval_every=10, max_epochs=10, min_epochs=10)
+    run = sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None)
+    assert [row for row in run.history if row["phase"] == 1][-1]["L_A"] < np.log(2)
+    assert run.metrics["warnings"] == [] and run.metrics["ari"] > 0.9
+
+
 
 
 @pytest.mark.slow
@@ -1951,6 +2074,7 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path):
     assert run.returncode == 0, run.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {"acc", "nmi", "ari"} <= set(summary["metrics"]) and summary["clusters"] == 3
+    assert summary["metrics"]["warnings"] == []
     labels = (tmp_path / "out" / "labels.csv").read_text().splitlines()
     assert labels[0] == "cell,cluster" and len(labels) == 301
     embedding = (tmp_path / "out" / "embedding.csv").read_text().splitlines()
