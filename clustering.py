@@ -39,9 +39,16 @@ def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
     """k-means: greedy k-means++ seeding, Lloyd iterations, n_init restarts, lowest inertia kept.
 
     x: (n, d) array -> labels (n,), centers (k, d)."""
+    _, labels, centers = min(kmeans_restarts(x, k, seed, n_init, max_iter, tol),
+                             key=lambda run: run[0])
+    return labels, centers
+
+
+def kmeans_restarts(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
+    """Every restart of kmeans, in order: [(inertia, labels (n,), centers (k, d))] * n_init."""
     x = np.asarray(x, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    best = (np.inf, None, None)
+    runs = []
     for _ in range(n_init):
         centers = _kmeans_pp(x, k, rng)
         for _ in range(max_iter):
@@ -53,10 +60,8 @@ def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
             if shift <= tol * np.mean(np.var(x, 0)):
                 break
         dist = squared_distances(x, centers)
-        labels, inertia = dist.argmin(1), dist.min(1).sum()
-        if inertia < best[0]:
-            best = (inertia, labels, centers)
-    return best[1], best[2]
+        runs.append((dist.min(1).sum(), dist.argmin(1), centers))
+    return runs
 
 
 def _cluster_means(x, labels, centers):
@@ -140,6 +145,14 @@ def merge_overclusters(a, over, k, resolution=0.5):
         i, j = np.unravel_index(gain.argmax(), gain.shape)
         group = np.unique(np.where(group == j, i, group), return_inverse=True)[1]
     return group[over]
+
+
+def agreement_groups(partitions):
+    """The groups of cells that every one of several partitions puts together (their
+    intersection: co-association 1 in the sense of evidence accumulation, Fred & Jain 2005),
+    numbered 0..C-1. A cell pair split by any partition is split here, so no single partition
+    decides where the groups end. partitions: R arrays (n,) -> (n,) group of each cell."""
+    return np.unique(np.stack(partitions, 1), axis=0, return_inverse=True)[1].ravel()
 
 
 # ---------------------------------------------------------------- scores

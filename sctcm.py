@@ -46,8 +46,8 @@ from torch import nn
 import datasets
 import geometry
 import plots
-from clustering import (ari, centroid_ari, kmeans, merge_overclusters, scores,
-                        spectral_clustering, symmetric_normalize)
+from clustering import (agreement_groups, ari, centroid_ari, kmeans, kmeans_restarts,
+                        merge_overclusters, scores, spectral_clustering, symmetric_normalize)
 from zinb import zinb_nll
 
 
@@ -73,7 +73,7 @@ class Config:
     gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2 (>= 0)
     gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2 (>= 0)
     n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10) (>= 2)
-    init: str = "merge"            # phi^c start: "merge" (default), "spectral" (paper), "kmeans"
+    init: str = "consensus"        # phi^c start: "consensus", "merge", "spectral" (paper), "kmeans"
     resolution: float = 0.5        # modularity resolution of init="merge" (> 0)
     beta_c: str = "auto"           # Eq. (6) margin threshold (in [0, 1) or "auto")
     beta_o: str = "auto"           # Eq. (9) margin threshold (in [0, 1) or "auto")
@@ -598,15 +598,21 @@ def _geometry(z, labels):
     return geometry.cluster_geometry(z.cpu().numpy(), labels)
 
 
-def _initial_partition(prepared, adjacency, n_clusters, config, over):
-    """The cells' partition whose mean codes become phi^c: spectral clustering of A, as the
-    paper says (init="spectral"); or, not in the paper (see the README for how they compare),
-    kmeans on the top n_pcs principal components of the encoder input (init="kmeans") or the
-    overclusters over of Z merged on A (init="merge")."""
+def _initial_partition(prepared, adjacency, n_clusters, config, restarts):
+    """The cells' partition whose mean codes become phi^c. The paper's: spectral clustering of A
+    (init="spectral"). Not in the paper (see the README for how they compare): the overclusters
+    of Z merged on A by modularity, from each k-means restart of them, then the groups of cells
+    that every one of these K-partitions keeps together merged on A again (init="consensus": no
+    single draw decides the start); the lowest-inertia overclusters (phi^o's) merged once
+    (init="merge"); k-means on the top n_pcs principal components of the encoder input
+    (init="kmeans"). restarts: kmeans_restarts of the K_o overclusters of Z."""
     if config.init == "spectral":
         return spectral_clustering(adjacency, n_clusters, seed=config.seed)
+    merge = lambda groups: merge_overclusters(adjacency, groups, n_clusters, config.resolution)
+    if config.init == "consensus":
+        return merge(agreement_groups([merge(over) for _, over, _ in restarts]))
     if config.init == "merge":
-        return merge_overclusters(adjacency, over, n_clusters, config.resolution)
+        return merge(min(restarts, key=lambda run: run[0])[1])
     return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
 
 
@@ -682,6 +688,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     (run_warnings' lines, also logged; empty for a healthy run)."""
     config = config or Config()
     check_config(config)
+    origin = config.init if start is None else "given"
     if start is not None:
         start = _check_start(start, adjacency.shape[0], n_clusters)
     rng = np.random.default_rng(config.seed)
@@ -713,9 +720,10 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
 
     # --- initial centres: phi^o = k-means on Z, phi^c = mean codes of a partition of the cells
     z = codes(model, data)
-    over, centres = kmeans(z.cpu().numpy(), config.n_over, seed=config.seed)
+    restarts = kmeans_restarts(z.cpu().numpy(), config.n_over, seed=config.seed)
+    _, over, centres = min(restarts, key=lambda run: run[0])
     if start is None:
-        start = _initial_partition(prepared, adjacency, n_clusters, config, over)
+        start = _initial_partition(prepared, adjacency, n_clusters, config, restarts)
     phi_c = nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)]))
     phi_o = nn.Parameter(torch.as_tensor(centres, dtype=torch.float32, device=z.device))
     adversary = Adversary(model, n_clusters, n_genes, config, rng)
@@ -726,7 +734,9 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     with torch.no_grad():
         beta_c = _threshold(config.beta_c, soft_assign(z, phi_c), config.reliable_frac)
         beta_o = _threshold(config.beta_o, soft_assign(z, phi_o), config.reliable_frac)
-    log(f"phase 2 | beta_c {beta_c:.4f} | beta_o {beta_o:.4f}")
+    start_scores = scores(y, start)
+    log(f"phase 2 | beta_c {beta_c:.4f} | beta_o {beta_o:.4f} | start ({origin})"
+        + "".join(f" | {key.upper()} {value:.3f}" for key, value in start_scores.items()))
 
     # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
     steps = ["c"] + ["o"] * config.overclustering + ["g"] * config.adversarial
@@ -780,7 +790,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     for line in alerts:
         log(f"warning: {line}")
     return Result(labels=labels, embedding=z.cpu().numpy(), history=history,
-                  metrics={**scores(y, labels), "phase2_epochs": epoch, "warnings": alerts})
+                  metrics={**scores(y, labels), "start": start_scores, "phase2_epochs": epoch,
+                           "warnings": alerts})
 
 
 # ---------------------------------------------------------------- one call: counts in, labels out
@@ -832,9 +843,9 @@ def prepare(dataset, k, config):
     if max(k, config.n_over) > prepared.x.shape[0]:
         raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
                          f"{prepared.x.shape[0]} cells")
-    if config.init == "merge" and k > config.n_over:
-        raise ValueError(f"--init merge merges the {config.n_over} overclusters: --clusters {k} "
-                         "needs --n-over at least as large")
+    if config.init in ("merge", "consensus") and k > config.n_over:
+        raise ValueError(f"--init {config.init} merges the {config.n_over} overclusters: "
+                         f"--clusters {k} needs --n-over at least as large")
     adjacency = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
     return prepared, adjacency
 

@@ -1232,6 +1232,27 @@ def _greedy_merges(a, over, k, resolution):
     return groups
 
 
+def test_kmeans_restarts_are_every_restart_and_kmeans_keeps_the_lowest_inertia():
+    x = np.random.default_rng(8).normal(size=(300, 4))
+    runs = clustering.kmeans_restarts(x, 6, seed=2, n_init=5)
+    assert len(runs) == 5
+    for inertia, labels, centers in runs:  # each inertia is its own partition's, by a loop
+        assert inertia == pytest.approx(sum(((x[i] - centers[labels[i]]) ** 2).sum()
+                                            for i in range(len(x))), rel=1e-9)
+    labels, centers = clustering.kmeans(x, 6, seed=2, n_init=5)
+    best = min(runs, key=lambda run: run[0])
+    assert np.array_equal(labels, best[1]) and np.array_equal(centers, best[2])
+
+
+def test_agreement_groups_join_two_cells_only_where_every_partition_does():
+    rng = np.random.default_rng(9)
+    partitions = [rng.integers(0, k, 40) for k in (2, 3, 3)]
+    groups = clustering.agreement_groups(partitions)
+    assert sorted(set(groups)) == list(range(groups.max() + 1))
+    for i, j in itertools.combinations(range(40), 2):  # brute force over every pair of cells
+        assert (groups[i] == groups[j]) == all(p[i] == p[j] for p in partitions)
+
+
 def test_merge_overclusters_takes_the_best_modularity_merge_at_each_step():
     rng = np.random.default_rng(3)
     y = np.repeat(np.arange(3), [60, 30, 10])
@@ -1962,7 +1983,7 @@ def test_history_logs_the_true_centre_ari_of_the_codes_in_both_phases():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["spectral", "kmeans", "merge"])
+@pytest.mark.parametrize("init", ["spectral", "kmeans", "merge", "consensus"])
 def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
     """phi^c starts at the mean code of each cluster of the chosen partition of the cells."""
     prepared, adjacency = _tiny_problem()
@@ -1980,9 +2001,14 @@ def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
         expected = clustering.spectral_clustering(adjacency, 3, seed=0)
     elif init == "kmeans":
         expected = clustering.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0]
-    else:
+    elif init == "merge":
         over = clustering.kmeans(z, config.n_over, seed=0)[0]
         expected = clustering.merge_overclusters(adjacency, over, 3, config.resolution)
+    else:  # each restart's overclusters merged, then what all of them agree on merged again
+        merged = [clustering.merge_overclusters(adjacency, over, 3, config.resolution)
+                  for _, over, _ in clustering.kmeans_restarts(z, config.n_over, seed=0)]
+        expected = clustering.merge_overclusters(adjacency, clustering.agreement_groups(merged),
+                                                 3, config.resolution)
     means = np.stack([z[expected == k].mean(0) for k in range(3)])
     assert np.allclose(centers, means, atol=1e-5)
 
