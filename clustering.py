@@ -175,6 +175,15 @@ def cluster_acc(y, pred):
     return table[rows, cols].sum() / table.sum()
 
 
+def matching(y, pred):
+    """ACC's one-to-one map of clusters to classes (Hungarian, on the cells with a label) ->
+    {cluster: class}; a cluster left over (more clusters than classes) is not in it."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    classes, clusters = np.unique(y[y >= 0]), np.unique(pred[y >= 0])
+    rows, cols = linear_sum_assignment(-_contingency(y, pred))
+    return {int(clusters[j]): int(classes[i]) for i, j in zip(rows, cols)}
+
+
 def nmi(y, pred):
     """Normalised mutual information, arithmetic normalisation: 2 I(Y; C) / (H(Y) + H(C))."""
     table = _contingency(y, pred)

@@ -5,15 +5,18 @@ history rows (sctcm.fit's, or history.csv's strings) and arrays, never the model
 """
 import numpy as np
 
+import clustering
 import datasets
 
 
-def draw(folder, history, embedding, clusters, labels=None, label_names=None, name="run"):
+def draw(folder, history, embedding, clusters, labels=None, label_names=None, name="run",
+         pretrained=None):
     """fig2.png, embedding.png and losses.png of one run into folder -> their file names.
     history: fit's rows; embedding: (n, d) codes Z; clusters: (n,) the run's labels; labels,
-    label_names: the file's (scoring) labels, or None. ImportError without matplotlib."""
+    label_names: the file's (scoring) labels, or None; pretrained: Z after phase 1, or None.
+    ImportError without matplotlib."""
     plot_fig2(folder / "fig2.png", {name: history})
-    plot_embedding(folder / "embedding.png", embedding, clusters, labels, label_names)
+    plot_embedding(folder / "embedding.png", embedding, clusters, labels, label_names, pretrained)
     plot_losses(folder / "losses.png", history)
     return ["fig2.png", "embedding.png", "losses.png"]
 
@@ -51,40 +54,69 @@ def plot_fig2(path, panels):
     fig.savefig(path, dpi=150)
 
 
-def plot_embedding(path, embedding, clusters, labels=None, label_names=None):
-    """Codes Z on their first two principal components, coloured by cluster, and beside it by
-    the file's labels when it has them (cells without a label in grey)."""
-    from matplotlib import colormaps
-    pcs = datasets.pca(embedding.astype(np.float64), 2)
+def plot_embedding(path, embedding, clusters, labels=None, label_names=None, pretrained=None):
+    """Codes Z on their first two principal components: after phase 1 (pretrained, when given)
+    and at the end, coloured by the run's clusters and, beside them, by the file's labels when it
+    has them (cells without a label in grey). A cluster takes the colour of the type ACC matches
+    it to (clustering.matching), so a cluster and its type look alike."""
     k = clusters.max() + 1
-    panels = [("scTCM clusters", clusters, [f"cluster {j}" for j in range(k)])]
+    colour = cluster_colours(clusters, labels, len(label_names) if labels is not None else 0)
+    names = [f"cluster {j}" for j in range(k)]
+    panels = [("scTCM clusters, end", embedding, clusters, names, colour)]
     if labels is not None:
-        panels.append(("labels of the file", labels, label_names))
-    fig = _figure(7 * len(panels), 4.5)
-    for ax, (title, groups, names) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        if np.any(groups < 0):
-            ax.scatter(*pcs[groups < 0].T, s=4, color="lightgrey", label="no label")
-        for j, name in enumerate(names):
-            ax.scatter(*pcs[groups == j].T, s=4, color=colormaps["tab20"](j % 20), label=name)
-        ax.set(title=title, xlabel="PC 1 of Z", ylabel="PC 2 of Z")
-        ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=3,
-                  ncols=1 + len(names) // 15)
+        panels.append(("labels of the file, end", embedding, labels, label_names, None))
+    if pretrained is not None:
+        panels.insert(0, ("end of phase 1 (start of phase 2)", pretrained, *panels[-1][2:]))
+    fig = _figure(6.5 * len(panels), 4.5)
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        _scatter(ax, *panel)
     fig.savefig(path, dpi=150)
 
 
-LOSSES = {"L_X": "$L_X$, ZINB (Eq. 3)", "L_A": "$L_A$, structure (Eq. 2)",
-          "L_c": "$L_c$, clusters (Eq. 7)", "L_o": "$L_o$, overclusters (Eq. 10)",
-          "L_g": "$L_g$, generator (Eq. 13)", "L_d": "$L_d$, discriminators (Eq. 12)"}
+def cluster_colours(clusters, labels=None, n_types=0):
+    """{cluster: colour index}: type t has colour t, and each cluster the colour of the type ACC
+    matches it to (clustering.matching); clusters left over, or all without labels, take the
+    colours after the types' in order."""
+    spare = iter(range(n_types, n_types + clusters.max() + 1))
+    matched = clustering.matching(labels, clusters) if labels is not None else {}
+    return {j: matched[j] if j in matched else next(spare) for j in range(clusters.max() + 1)}
+
+
+def _scatter(ax, title, codes, groups, names, colour):
+    """One panel of plot_embedding: codes on their top 2 PCs, group j in tab20 colour colour[j]."""
+    from matplotlib import colormaps
+    pcs = datasets.pca(codes.astype(np.float64), 2)
+    if np.any(groups < 0):
+        ax.scatter(*pcs[groups < 0].T, s=4, color="lightgrey", label="no label")
+    for j, name in enumerate(names):
+        shade = colormaps["tab20"]((j if colour is None else colour[j]) % 20)
+        ax.scatter(*pcs[groups == j].T, s=4, color=shade, label=name)
+    ax.set(title=title, xlabel="PC 1 of Z", ylabel="PC 2 of Z")
+    ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=3,
+              ncols=1 + len(names) // 15)
+
+
+LOSSES = {  # loss -> (panel title, y label)
+    "L_X": ("$L_X$, ZINB (Eq. 3)", "NLL per count"), "L_A": ("$L_A$, structure (Eq. 2)",
+                                                             "weighted BCE per cell pair"),
+    "L_c": ("$L_c$, clusters (Eq. 7)", "KL per cell"), "L_o": ("$L_o$, overclusters (Eq. 10)",
+                                                               "KL per cell"),
+    "L_g": ("$L_g$, generator (Eq. 13)", "sum over clusters"),
+    "L_d": ("$L_d$, discriminators (Eq. 12)", "sum over discriminators")}
+WHY = ("L_c and L_o may rise in phase 2: their targets q are recomputed every update_every epochs, "
+       "and sharper targets cost more. L_g and L_d zig-zag: each logged epoch ends a different "
+       "step (c, o or g), and L_d sums over the discriminators that had inputs.")
 
 
 def plot_losses(path, history):
     """Each loss of the history at every logged epoch, one panel per loss, L_d with its chance
-    level (2 log 2 per discriminator)."""
+    level (2 log 2 per discriminator), and a line under the figure on why some curves rise or
+    alternate (WHY)."""
     keys = [key for key in LOSSES if any(key in row for row in history)]
     n_rows = -(-len(keys) // 3)
-    fig = _figure(12, 1 + 3 * n_rows)
+    fig = _figure(12, 1.5 + 3 * n_rows)
     fig.suptitle("losses at each logged epoch (dashed: end of phase 1)")
-    fig.supxlabel("epoch (phase 1, then phase 2)")
+    fig.supxlabel("epoch (phase 1, then phase 2)\n" + WHY, fontsize="small", wrap=True)
     axes = fig.subplots(n_rows, 3, sharex=True, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
         x = np.array(_through_phases(ax, history))
@@ -94,7 +126,7 @@ def plot_losses(path, history):
             chance = [row["L_d_chance"] for row in history if key in row]
             ax.plot(x[has], chance, color="black", lw=1, ls=":", label="chance")
             ax.legend()
-        ax.set_title(LOSSES[key])
+        ax.set(title=LOSSES[key][0], ylabel=LOSSES[key][1])
         ax.tick_params(labelbottom=True)  # sharex hides them above a panel that may be hidden
     for ax in axes[len(keys):]:
         ax.set_visible(False)

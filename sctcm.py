@@ -23,6 +23,7 @@ References
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -148,6 +149,8 @@ class Result:
     embedding: np.ndarray
     history: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    pretrained: np.ndarray | None = None  # the codes Z at the end of phase 1
+
 
 # ---------------------------------------------------------------- Eq. (1): the GCN encoder
 
@@ -486,16 +489,19 @@ class Adversary:
         """One update of the K discriminators (Eq. 12), made after every phase-2 step. Their
         inputs are built without gradient, so the step cannot reach the encoder or feature head.
         -> {"L_d": sum, "L_d_chance": its value at chance, "L_d<k>": L_d^(k) of each
-        discriminator k that had inputs}, or {}."""
+        discriminator k that had inputs, "idle": the clusters (space-separated) whose
+        discriminator had none: fewer than m reliable cells}; only "idle" when none had any."""
         with torch.no_grad():
             batch = self.inputs(out, members)
+        active = [] if batch is None else batch[2].tolist()
+        idle = {"idle": " ".join(str(k) for k in range(len(members)) if k not in active)}
         if batch is None:
-            return {}
-        real, fake, active = batch
-        per = discriminator_loss(self.disc(real, active), self.disc(fake, active), reduction="none")
+            return idle
+        real, fake, which = batch
+        per = discriminator_loss(self.disc(real, which), self.disc(fake, which), reduction="none")
         optimise(self.optimizer, per.sum())
         return {"L_d": per.sum().item(), "L_d_chance": 2 * np.log(2) * len(per),
-                **{f"L_d{k}": v for k, v in zip(active.tolist(), per.tolist())}}
+                **{f"L_d{k}": v for k, v in zip(active, per.tolist())}, **idle}
 
 
 # ---------------------------------------------------------------- training helpers
@@ -634,6 +640,8 @@ def _log(row, log):
             parts.append(f"{key} {row[key]:.4f}")
     if "L_d" in row:
         parts[-1] += f" (chance {row['L_d_chance']:.4f})"
+    if row.get("idle"):
+        parts.append(f"no L_d for cluster {row['idle']} (< m reliable cells)")
     if "reliable_c" in row:
         parts.append(f"reliable {row['reliable_c']}/{row['n']}")
     for key in ("ID", "LID"):
@@ -720,7 +728,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
 
     # --- initial centres: phi^o = k-means on Z, phi^c = mean codes of a partition of the cells
     z = codes(model, data)
-    restarts = kmeans_restarts(z.cpu().numpy(), config.n_over, seed=config.seed)
+    pretrained = z.cpu().numpy()
+    restarts = kmeans_restarts(pretrained, config.n_over, seed=config.seed)
     _, over, centres = min(restarts, key=lambda run: run[0])
     if start is None:
         start = _initial_partition(prepared, adjacency, n_clusters, config, restarts)
@@ -789,9 +798,10 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     alerts = run_warnings(history)
     for line in alerts:
         log(f"warning: {line}")
-    return Result(labels=labels, embedding=z.cpu().numpy(), history=history,
-                  metrics={**scores(y, labels), "start": start_scores, "phase2_epochs": epoch,
-                           "warnings": alerts})
+    metrics = {**scores(y, labels), "start": start_scores, "phase2_epochs": epoch,
+               "warnings": alerts}
+    return Result(labels=labels, embedding=z.cpu().numpy(), history=history, metrics=metrics,
+                  pretrained=pretrained)
 
 
 # ---------------------------------------------------------------- one call: counts in, labels out
@@ -819,12 +829,17 @@ def cluster(counts, n_clusters, labels=None, log=print, **config):
     prepared, adjacency = prepare(dataset, n_clusters, config)
     _describe(prepared, adjacency, n_clusters, log)
     result = fit(prepared, adjacency, n_clusters, config, log=log)
-    n = dataset.counts.shape[0]
-    rows = np.full(n, -1, dtype=result.labels.dtype)
+    rows = np.full(dataset.counts.shape[0], -1, dtype=result.labels.dtype)
     rows[prepared.cells] = result.labels
-    embedding = np.full((n, result.embedding.shape[1]), np.nan, dtype=result.embedding.dtype)
-    embedding[prepared.cells] = result.embedding
-    return dataclasses.replace(result, labels=rows, embedding=embedding)
+    return dataclasses.replace(result, labels=rows, embedding=_aligned(result.embedding, prepared,
+                               dataset), pretrained=_aligned(result.pretrained, prepared, dataset))
+
+
+def _aligned(codes, prepared, dataset):
+    """Codes (cells kept, d) as rows of the input: a row of NaN for a cell preprocessing dropped."""
+    rows = np.full((dataset.counts.shape[0], codes.shape[1]), np.nan, dtype=codes.dtype)
+    rows[prepared.cells] = codes
+    return rows
 
 
 def _check_settings(k, config):
@@ -875,15 +890,49 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sctcm: error: {message}\n")
 
 
+RUN_FIELDS = ("seed", "device", "losses", "batch_size", "block", "eval_every")  # -h: "the run"
+DATA_FIELDS = ("n_top_genes", "n_neighbors", "n_pcs")  # -h: "preprocessing and the graph A"
+EXAMPLES = """examples:
+  python sctcm.py --demo
+  python sctcm.py data.h5 --clusters 9 --out results --plot
+  python sctcm.py filtered_feature_bc_matrix.h5 --clusters 12 --labels cell_types.csv"""
+
+
 def _parser():
-    parser = _Parser(description="scTCM deep graph clustering of a scRNA-seq count matrix.")
+    parser = _Parser(description="scTCM deep graph clustering of a scRNA-seq count matrix.",
+                     usage="python sctcm.py PATH --clusters K [options], or --demo [options]",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _files(parser.add_argument_group("input and output"))
+    groups = {"run": parser.add_argument_group("the run"),
+              "data": parser.add_argument_group("preprocessing and the graph A"),
+              "model": parser.add_argument_group("the model's hyperparameters, by equation")}
+    helps = config_help()
+    for f in dataclasses.fields(Config):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        group = groups["run" if f.name in RUN_FIELDS else "data" if f.name in DATA_FIELDS
+                       else "model"]
+        text = f"{helps[f.name]}; default {default}"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=text)
+        elif isinstance(default, tuple):
+            group.add_argument(flag, type=int, nargs="+", default=default, help=text)
+        elif f.name.startswith("beta"):
+            group.add_argument(flag, type=_beta, default=default, help=text)
+        else:
+            group.add_argument(flag, type=type(default), default=default, help=text)
+    return parser
+
+
+def _files(parser):
+    """The flags of what a run reads and writes."""
     parser.add_argument("path", nargs="?", help="count matrix: .h5 (X/Y, exprs, Cell Ranger), .h5ad, "
                         ".loom, 10x folder, CSV/TSV")
     parser.add_argument("--clusters", type=int, help="K, the number of clusters, >= 2 (required "
                         "for a file; labels in the file are used for scoring only)")
     parser.add_argument("--demo", action="store_true", help="run on datasets.synthetic()")
-    parser.add_argument("--out", default="sctcm_output", help="output folder (must not exist "
-                        "or be empty, unless --overwrite)")
+    parser.add_argument("--out", default="sctcm_output", help="output folder, default "
+                        "sctcm_output (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder once the run has finished")
     parser.add_argument("--label-key", help="obs column (.h5ad), col_attrs column (.loom) or dataset "
@@ -898,19 +947,7 @@ def _parser():
                         "genes); default: told from labels, names or the counts, and said")
     parser.add_argument("--plot", action="store_true", help="also draw fig2.png, embedding.png "
                         "and losses.png (needs matplotlib, an optional extra)")
-    helps = config_help()
-    for f in dataclasses.fields(Config):
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=helps[f.name])
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=default, help=helps[f.name])
-        elif f.name.startswith("beta"):
-            parser.add_argument(flag, type=_beta, default=default, help=helps[f.name])
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=helps[f.name])
-    return parser
+
 
 def _check_out(out, overwrite):
     """Refuse an --out that is not empty (without --overwrite) or cannot be created."""
@@ -932,6 +969,9 @@ def _inputs(args, config):
         if args.demo and value is not None:
             raise ValueError(f"{flag} is about a file's contents; --demo reads no file")
     _check_out(Path(args.out), args.overwrite)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot draws with matplotlib, which is not installed (pip install "
+                         "matplotlib)")
     if args.demo:
         dataset = datasets.synthetic()
         k = args.clusters or len(dataset.label_names)
@@ -973,14 +1013,10 @@ def _publish(tmp, out, overwrite):
 
 
 def _pictures(folder, prepared, result):
-    """--plot: plots.draw's three PNG files into folder -> their names; none, and one line
-    saying so, where matplotlib (optional, not in requirements.txt) is not installed."""
-    try:
-        return plots.draw(folder, result.history, result.embedding, result.labels,
-                          prepared.labels, prepared.label_names, prepared.name)
-    except ImportError:
-        print("--plot: matplotlib is not installed; pictures skipped")
-        return []
+    """--plot: plots.draw's three PNG files into folder -> their names (_inputs has checked that
+    matplotlib, optional and not in requirements.txt, is installed)."""
+    return plots.draw(folder, result.history, result.embedding, result.labels, prepared.labels,
+                      prepared.label_names, prepared.name, result.pretrained)
 
 
 def main(argv=None):

@@ -1320,6 +1320,27 @@ def test_metrics_on_label_permutations_and_independence():
     assert clustering.ari(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(-0.5)
 
 
+def test_matching_is_the_map_of_clusters_to_types_that_acc_scores():
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, -1])
+    pred = np.array([5, 5, 3, 9, 9, 3, 3, 3, 9])  # 5 -> 0, 9 -> 1, 3 -> 2
+    assert clustering.matching(y, pred) == {5: 0, 9: 1, 3: 2}
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        y, pred = rng.integers(0, 4, 80), rng.integers(0, 5, 80)
+        pairs = clustering.matching(y, pred)
+        assert len(pairs) == 4 and len(set(pairs.values())) == 4
+        hits = sum(np.sum((pred == j) & (y == t)) for j, t in pairs.items())
+        assert hits / 80 == pytest.approx(_best_permutation_acc(y, pred))
+
+
+def test_cluster_colours_give_each_cluster_the_colour_of_its_matched_type():
+    import plots
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])
+    clusters = np.array([2, 2, 0, 0, 1, 1, 3])  # 2 -> type 0, 0 -> 1, 1 -> 2; 3 is left over
+    assert plots.cluster_colours(clusters, labels, 3) == {2: 0, 0: 1, 1: 2, 3: 3}
+    assert plots.cluster_colours(clusters) == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
 def test_cluster_acc_with_more_clusters_than_classes():
     y = np.repeat([0, 1, 2], 10)
     pred = y.copy()
@@ -1763,7 +1784,9 @@ def test_discriminator_step_changes_only_discriminator_parameters():
     before_model, before_disc = _snapshot(model), _snapshot(disc)
     adversary.optimizer = torch.optim.Adam(disc.parameters(), lr=1e-2)
     losses = adversary.step(out, members)
-    assert set(losses) == {"L_d", "L_d_chance", "L_d0", "L_d1", "L_d2"}
+    assert set(losses) == {"L_d", "L_d_chance", "L_d0", "L_d1", "L_d2", "idle"}
+    assert losses["idle"] == "" and adversary.step(out, [members[0], members[1][:2],
+                                                         members[2][:1]])["idle"] == "1 2"
     assert losses["L_d_chance"] == pytest.approx(3 * 2 * np.log(2))
     assert not any(_changed(model, before_model))
     assert all(_changed(disc, before_disc))
@@ -2348,16 +2371,14 @@ def test_plot_draws_three_pngs(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].endswith("fig2.png embedding.png losses.png")
 
 
-@pytest.mark.slow
-def test_plot_without_matplotlib_says_so_in_one_line_and_exits_0(tmp_path, capsys, monkeypatch):
+def test_plot_without_matplotlib_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     for name in ["matplotlib", *(m for m in sys.modules if m.startswith("matplotlib."))]:
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    monkeypatch.setattr(datasets, "load", lambda *args, **kw: pytest.fail("read the file"))
     code, out = _plot_run(tmp_path)
-    assert code == 0
-    stdout = capsys.readouterr().out
-    assert stdout.count("--plot: matplotlib is not installed; pictures skipped\n") == 1
-    assert sorted(p.name for p in out.iterdir()) == [
-        "embedding.csv", "history.csv", "labels.csv", "summary.json"]
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--plot draws with matplotlib, which is not installed" in err[0]
 
 
 # ---------------------------------------------------------------- reproduce.py
