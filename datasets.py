@@ -1,4 +1,5 @@
-"""Data in: read a count matrix, preprocess it by hand, build the kNN cell graph, make demo data.
+"""Data in and out: read a count matrix, preprocess it by hand, build the kNN cell graph, make
+demo data, and write a run's output folder (check_out, scratch_folder, write_run, publish).
 
     file -> load() -> Dataset -> preprocess() -> Prepared -> knn_graph(Prepared.x) -> A (sctcm.fit)
 
@@ -41,9 +42,11 @@ References:
 """
 import csv
 import gzip
+import json
 import os
 import re
 import resource
+import shutil
 import tempfile
 import time
 import zlib
@@ -1039,6 +1042,52 @@ def pca(x, n_pcs=50):
         return xc @ v[:, ::-1]
     w, u = scipy.linalg.eigh(xc @ xc.T, subset_by_index=[n - m, n - 1])
     return u[:, ::-1] * np.sqrt(np.maximum(w[::-1], 0.0))  # X = U S V^T: scores U S
+
+
+# ---------------------------------------------------------------- a run's output folder
+
+
+def check_out(out, overwrite):
+    """Refuse, in one line, an output folder out that is not empty (unless overwrite) or cannot
+    be created: checked before any work, so a bad --out costs nothing."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: output folder exists and is not empty (use --overwrite)")
+    base = next(p for p in out.absolute().parents if p.exists())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot create the output folder ({base} is not a writable folder)")
+
+
+def scratch_folder(out):
+    """A new hidden folder beside out, where a run writes its files before publish moves them."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+
+
+def write_run(folder, cell_names, labels, embedding, history, summary):
+    """labels.csv (cell, cluster), embedding.csv (cell, z1..zd), history.csv (one row per history
+    dict, the union of their keys as columns) and summary.json into folder."""
+    _write_csv(folder / "labels.csv", ["cell", "cluster"], zip(cell_names, labels.tolist()))
+    header = ["cell"] + [f"z{j + 1}" for j in range(embedding.shape[1])]
+    _write_csv(folder / "embedding.csv", header,
+               ([c, *row] for c, row in zip(cell_names, embedding.tolist())))
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    _write_csv(folder / "history.csv", keys, ([row.get(k, "") for k in keys] for row in history))
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def publish(tmp, out, overwrite):
+    """Move the finished folder tmp to out (replacing it with overwrite): out never holds half a
+    run, and a run that fails leaves out as it was."""
+    if out.exists() and overwrite:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
 
 
 # ---------------------------------------------------------------- synthetic data

@@ -21,17 +21,12 @@ References
   auto-encoders (NeurIPS workshop 2016).
 """
 import argparse
-import csv
 import dataclasses
 import importlib.util
 import inspect
-import json
-import os
 import re
 import resource
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -100,8 +95,8 @@ def config_help():
 
 
 def config_range(comment):
-    """The range a Config comment states: a closing '(>= 1)', '(> 0)', '(in [0, 1))',
-    '(each >= 1)' or '(in [0, 1) or "auto")'; otherwise the quoted words are its choices."""
+    """The range a Config comment states: '(>= 1)', '(> 0)', '(in [0, 1))', '(each >= 1)' or
+    '(in [0, 1) or "auto")' at its end, else its quoted words, the choices."""
     stated = re.search(r"\(((?:>|in |each ).+)\)$", comment)
     if stated:
         return stated[1]
@@ -125,13 +120,13 @@ def _within(value, words):
     low, lo, hi, high = re.fullmatch(r"in ([\[(])(\S+), (\S+)([\])])", words).groups()
     lo, hi = (float(base) ** float(power or 1)
               for base, _, power in (lo.partition("^"), hi.partition("^")))
-    return (lo <= value if low == "[" else lo < value) and (value <= hi if high == "]" else value < hi)
+    above = lo <= value if low == "[" else lo < value
+    return above and (value <= hi if high == "]" else value < hi)
 
 
 def check_config(config):
     """Raise a one-line ValueError for a setting outside the range its Config comment states
-    (a beta_c of 1.5, say, would leave every cell unreliable and phase 2 idle), or a CUDA
-    device this machine does not have. fit, cluster and the command line call it first."""
+    (a beta_c of 1.5 would leave phase 2 idle) or a CUDA device this machine does not have."""
     for name, comment in config_help().items():
         value, words = getattr(config, name), config_range(comment)
         if not isinstance(value, bool) and not _within(value, words):
@@ -259,15 +254,11 @@ class FeatureHead(nn.Module):
     """f_D^(2) of Eq. (3): an MLP from z to the ZINB parameters of every gene.
 
     Returns pi (dropout probability), rate (the mean before the size factor: mu = s_i * rate)
-    and theta (inverse dispersion, the paper's sigma^2 head). The clamps are DCA's ranges.
-
-    log_mean: optional (g,) log of each gene's mean normalised count, mean_i x_ig / s_i
-    (log_mean). log(rate) = W_mu h + b is a GLM on h; its intercept b starts at log_mean, the
-    maximum-likelihood rate of a model without z, so the codes only carry the deviations from
-    it at any sequencing depth (from rate 1, 100 Adam steps cannot move b to log(depth / g),
-    and the codes grow to reach the count scale instead). DCA's ceiling of 1e6 on the rate is
-    in the units of UMI data, mean about 1; it becomes 1e6 times the gene's mean, which stays
-    above every normalised count x_ig / s_i <= n mean_g of up to 1e6 cells."""
+    and theta (inverse dispersion, the paper's sigma^2 head), in DCA's ranges. log_mean: (g,)
+    the function log_mean's; log(rate) = W_mu h + b is a GLM on h whose intercept b starts at
+    it, the rate without z, so the codes carry only deviations from it at any sequencing depth
+    (from rate 1, 100 Adam steps cannot move b to log(depth / g): the codes grew instead). DCA's
+    ceiling of 1e6 on the rate becomes 1e6 times the gene's mean."""
 
     def __init__(self, latent, widths, n_genes, log_mean=None):
         super().__init__()
@@ -290,8 +281,7 @@ class FeatureHead(nn.Module):
 
 
 class Model(nn.Module):
-    """The generator f_D^(2) o f_E (encoder and feature head), the parameters W of the paper;
-    the structure head sigmoid(z_i . z_j) of Eq. (2) has no parameters."""
+    """The generator f_D^(2) o f_E, the paper's parameters W (Eq. 2's structure head has none)."""
 
     def __init__(self, n_genes, config, log_mean=None):
         super().__init__()
@@ -337,7 +327,7 @@ def self_supervision(model, data, batch, block=1024):
 
 
 def feature_loss(model, data, z, batch):
-    """The decoded rate of the batch's cells and their L_X (Eq. 3, mean per entry), mu = s_i rate."""
+    """The decoded rate of the batch's cells and their L_X (Eq. 3, per entry), mu = s_i rate."""
     pi, rate, theta = model.features(batch.rows(z))
     l_x = zinb_nll(batch.rows(data["counts"]), rate * batch.rows(data["size_factors"]), theta,
                    pi, lgamma_x1=batch.rows(data["lgamma_x1"]))
@@ -405,12 +395,10 @@ def convex_combinations(z, members, m, n_cvx, rng):
 
 
 class Discriminators(nn.Module):
-    """f_adv^(k), k = 1..K of Eq. (12): one MLP per cluster, gene space -> logit.
-
-    The K networks have separate weights; they are stored as stacked tensors so that all of them
-    run in one batched matmul. The input is log1p(rate), the decoded expression without the
-    size factor (so that library size cannot tell a cell from a convex combination),
-    standardised per gene by `standardise`."""
+    """f_adv^(k), k = 1..K of Eq. (12): one MLP per cluster, gene space -> logit. The K networks
+    have separate weights, stacked so that all of them run in one batched matmul. The input is
+    log1p(rate), the decoded expression without the size factor (so that library size cannot
+    tell a cell from a convex combination), standardised per gene by `standardise`."""
 
     def __init__(self, n_clusters, n_genes, hidden):
         super().__init__()
@@ -458,9 +446,9 @@ def generator_loss(fake_logits):
 
 
 class Adversary:
-    """Eqs. (11)-(13) in a run: the K discriminators, their Adam optimiser, and the batches they
-    compare: reconstructions of reliable cells (real) and decoded convex combinations of their
-    codes (fake), n_cvx of each per cluster that has at least m reliable cells."""
+    """Eqs. (11)-(13) in a run: the K discriminators, their Adam optimiser and what they compare,
+    reconstructions of reliable cells (real) and decoded convex combinations of their codes
+    (fake), n_cvx of each per cluster with at least m reliable cells."""
 
     def __init__(self, model, n_clusters, n_genes, config, rng):
         self.model, self.config, self.rng = model, config, rng
@@ -469,7 +457,7 @@ class Adversary:
 
     def inputs(self, out, members):
         """(real, fake, active) standardised for the discriminators `active`, or None when no
-        cluster has m reliable cells. out: this epoch's Pass; members: reliable cells per cluster."""
+        cluster has m reliable cells. out: the epoch's Pass; members: reliable cells per cluster."""
         config, features = self.config, self.model.features
         batch = convex_combinations(out.z, members, config.m_cvx, config.n_cvx, self.rng)
         if batch is None:
@@ -554,7 +542,7 @@ class Sampler:
 
 
 def setup(prepared, adjacency, config):
-    """What fit and reproduce.benchmark start from: torch seeded, the tensors, the Sampler and a new Model."""
+    """What fit and reproduce.benchmark start from: torch seeded, tensors, Sampler, a new Model."""
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     data = tensors(prepared, adjacency, device)
@@ -580,8 +568,7 @@ def codes(model, data):
 
 def _check_finite(z):
     """z, or a one-line FloatingPointError (the command line exits 2) when training diverged.
-    Every use of the codes (targets, logs, labels) goes through _codes, so one check suffices:
-    a non-finite loss makes the parameters, and with them the codes, non-finite."""
+    Every use of the codes goes through codes(), and a non-finite loss makes them non-finite."""
     if not torch.isfinite(z).all():
         raise FloatingPointError("training diverged (the latent codes became infinite or NaN); "
                                  "lower the learning rates")
@@ -605,13 +592,11 @@ def _geometry(z, labels):
 
 
 def _initial_partition(prepared, adjacency, n_clusters, config, restarts):
-    """The cells' partition whose mean codes become phi^c. The paper's: spectral clustering of A
-    (init="spectral"). Not in the paper (see the README for how they compare): the overclusters
-    of Z merged on A by modularity, from each k-means restart of them, then the groups of cells
-    that every one of these K-partitions keeps together merged on A again (init="consensus": no
-    single draw decides the start); the lowest-inertia overclusters (phi^o's) merged once
-    (init="merge"); k-means on the top n_pcs principal components of the encoder input
-    (init="kmeans"). restarts: kmeans_restarts of the K_o overclusters of Z."""
+    """The partition whose mean codes become phi^c: the paper's spectral clustering of A
+    (init="spectral"), or, not in the paper (README), the K_o overclusters of Z (restarts: their
+    kmeans_restarts) of each restart merged on A, then the groups all the merges agree on merged
+    again (init="consensus"); the lowest-inertia restart merged once (init="merge"); k-means on
+    the top n_pcs principal components of the encoder input (init="kmeans")."""
     if config.init == "spectral":
         return spectral_clustering(adjacency, n_clusters, seed=config.seed)
     merge = lambda groups: merge_overclusters(adjacency, groups, n_clusters, config.resolution)
@@ -632,35 +617,26 @@ def _check_start(start, n, n_clusters):
     return start
 
 
+LOG_KEYS = {  # history key -> its part of a log line, in the line's order
+    **{key: f"{key} {{{key}:.4f}}" for key in ("L_X", "L_A", "L_c", "L_o", "L_g")},
+    "L_d": "L_d {L_d:.4f} (chance {L_d_chance:.4f})",
+    "idle": "no L_d for cluster {idle} (< m reliable)", "reliable_c": "reliable {reliable_c}/{n}",
+    "ID": "ID {ID:.2f}", "LID": "LID {LID:.2f}", "kmeans_ari": "ARI(kmeans Z) {kmeans_ari:.3f}",
+    "acc": "ACC {acc:.3f}", "nmi": "NMI {nmi:.3f}", "ari": "ARI {ari:.3f}",
+    "centroid_ari": "ARI(true centres Z) {centroid_ari:.3f}"}
+
+
 def _log(row, log):
     """One aligned progress line from a history row."""
     parts = [f"phase {row['phase']}", f"epoch {row['epoch']:4d}/{row['of']}"]
-    for key in ("L_X", "L_A", "L_c", "L_o", "L_g", "L_d"):
-        if key in row:
-            parts.append(f"{key} {row[key]:.4f}")
-    if "L_d" in row:
-        parts[-1] += f" (chance {row['L_d_chance']:.4f})"
-    if row.get("idle"):
-        parts.append(f"no L_d for cluster {row['idle']} (< m reliable cells)")
-    if "reliable_c" in row:
-        parts.append(f"reliable {row['reliable_c']}/{row['n']}")
-    for key in ("ID", "LID"):
-        if key in row:
-            parts.append(f"{key} {row[key]:.2f}")
-    names = {"kmeans_ari": "ARI(kmeans Z)", "acc": "ACC", "nmi": "NMI", "ari": "ARI",
-             "centroid_ari": "ARI(true centres Z)"}
-    for key, name in names.items():
-        if key in row:
-            parts.append(f"{name} {row[key]:.3f}")
-    log(" | ".join(parts))
+    log(" | ".join(parts + [text.format(**row) for key, text in LOG_KEYS.items()
+                            if row.get(key, "") != ""]))
 
 
 def run_warnings(history):
-    """One line for each sign in a run's history that its labels mean little: the structure
-    loss L_A ended phase 1 above log 2, its value at Z = 0 (the codes fit A worse than codes
-    that say nothing: their scale has blown up, and Student-t margins of Eq. 5 mean little),
-    or the reliable set of Eq. (6) was empty at the last target update (q = p, L_c = 0: phase 2
-    did not cluster). history: fit's rows -> list of str, empty for a healthy run."""
+    """One line for each sign in fit's history rows that a run's labels mean little: L_A ended
+    phase 1 above log 2, its value at Z = 0 (the codes blew up: Eq. 5's margins mean little), or
+    the last targets had no reliable cell (q = p, L_c = 0: phase 2 did not cluster)."""
     lines = []
     phase1 = [row for row in history if row["phase"] == 1]
     phase2 = [row for row in history if row["phase"] == 2]
@@ -686,13 +662,10 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     L_SS + gamma_c L_c, L_SS + gamma_o L_o, L_SS + gamma_g L_g (an ablation drops its step),
     each followed by a discriminator update (Eq. 12). It stops when mean ID >= mean LID
     (after min_epochs) or at max_epochs.
-    An epoch is one optimiser step on one Batch. Exact path: every cell in Eqs. (3), (7), (10)
-    and all n^2 pairs in Eq. (2). Sampled path (config.losses, by default above batch_size
-    cells): a random batch of batch_size cells and |E| uniform pairs (Sampler), unbiased
-    estimates of the same losses at a cost linear in n; the number of steps does not grow with
-    n, so the passes over the data fall as batch_size / n (the shape of scvi-tools' rule). Both
-    paths encode every cell exactly (Eq. 1) and compute targets, reliable sets and ID/LID on
-    all of them. Result.metrics: the scores (when labels are known), phase2_epochs and warnings
+    An epoch is one optimiser step on one Batch (Sampler: every cell and pair, or above
+    batch_size cells unbiased estimates from a batch and sampled pairs; the steps do not grow
+    with n). Codes, targets, reliable sets and ID/LID are always of every cell.
+    Result.metrics: the scores (when labels are known), the start's, phase2_epochs and warnings
     (run_warnings' lines, also logged; empty for a healthy run)."""
     config = config or Config()
     check_config(config)
@@ -810,16 +783,12 @@ def cluster(counts, n_clusters, labels=None, log=print, **config):
     """Cluster raw counts in one call: preprocess, kNN graph A and fit, as the command line runs
     them (the same seed gives the command line's labels on the same counts).
 
-    counts: (n, g) raw counts, cells x genes, a numpy array or scipy sparse matrix; n_clusters: K;
-    labels: optional (n,) labels of the rows, for scoring only (missing: -1, NaN, "", "NA").
-    An AnnData object in memory (as --layer reads a file): cluster(adata.layers["counts"], K,
-    labels=adata.obs["cell_type"]) when X is normalised, or adata.raw.X (raw.var_names its genes);
-    adata.X only when it holds raw counts.
-    config: Config fields as keywords (seed=1, max_epochs=50, ...); log: where the progress lines
-    go (log=lambda line: None silences them).
-    -> Result whose labels (n,) and embedding (n, d) line up with the rows of counts: -1 and a row
-    of NaN for a cell that preprocessing dropped (no counts). Bad input raises a one-line
-    ValueError with the command line's message; a run that diverges raises FloatingPointError."""
+    counts: (n, g) raw counts, cells x genes, numpy or scipy sparse (AnnData: adata.layers["counts"]
+    or adata.raw.X where X is normalised); n_clusters: K; labels: optional (n,), for scoring only
+    (missing: -1, NaN, "", "NA"); config: Config fields as keywords (seed=1, ...); log: where the
+    progress lines go (log=lambda line: None silences them). -> Result whose labels, embedding
+    and pretrained line up with the rows of counts (-1 and NaN for a cell preprocessing dropped).
+    Bad input raises the command line's one-line ValueError; a divergent run FloatingPointError."""
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}: not a field of sctcm.Config")
@@ -911,23 +880,18 @@ def _parser():
         flag, default = "--" + f.name.replace("_", "-"), f.default
         group = groups["run" if f.name in RUN_FIELDS else "data" if f.name in DATA_FIELDS
                        else "model"]
-        text = f"{helps[f.name]}; default {default}"
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                               help=text)
-        elif isinstance(default, tuple):
-            group.add_argument(flag, type=int, nargs="+", default=default, help=text)
-        elif f.name.startswith("beta"):
-            group.add_argument(flag, type=_beta, default=default, help=text)
-        else:
-            group.add_argument(flag, type=type(default), default=default, help=text)
+        kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else
+                dict(type=int, nargs="+") if isinstance(default, tuple) else
+                dict(type=_beta if f.name.startswith("beta") else type(default)))
+        group.add_argument(flag, default=default, help=f"{helps[f.name]}; default {default}",
+                           **kind)
     return parser
 
 
 def _files(parser):
     """The flags of what a run reads and writes."""
-    parser.add_argument("path", nargs="?", help="count matrix: .h5 (X/Y, exprs, Cell Ranger), .h5ad, "
-                        ".loom, 10x folder, CSV/TSV")
+    parser.add_argument("path", nargs="?", help="count matrix: .h5 (X/Y, exprs, Cell Ranger), "
+                        ".h5ad, .loom, 10x folder, CSV/TSV")
     parser.add_argument("--clusters", type=int, help="K, the number of clusters, >= 2 (required "
                         "for a file; labels in the file are used for scoring only)")
     parser.add_argument("--demo", action="store_true", help="run on datasets.synthetic()")
@@ -935,27 +899,18 @@ def _files(parser):
                         "sctcm_output (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder once the run has finished")
-    parser.add_argument("--label-key", help="obs column (.h5ad), col_attrs column (.loom) or dataset "
-                        "(X/Y .h5) holding the labels; with --labels, the column of that file")
-    parser.add_argument("--labels", help="a CSV/TSV[.gz] of (cell name, label), with or without a "
-                        "header, for scoring only: replaces the file's labels, matched by cell name")
-    parser.add_argument("--layer", help="where an .h5ad or .loom file keeps its raw counts: a key of "
-                        "its layers, or raw (.h5ad raw/X); default X (loom: matrix), else "
+    parser.add_argument("--label-key", help="obs column (.h5ad), col_attrs column (.loom) or "
+                        "dataset (X/Y .h5) of the labels; with --labels, the column of that file")
+    parser.add_argument("--labels", help="a CSV/TSV[.gz] of (cell name, label), header optional, "
+                        "for scoring only: replaces the file's labels, matched by cell name")
+    parser.add_argument("--layer", help="where an .h5ad or .loom file keeps its raw counts: a key "
+                        "of its layers, or raw (.h5ad raw/X); default X (loom: matrix), else "
                         "layers/counts")
     parser.add_argument("--transpose", action=argparse.BooleanOptionalAction, help="a CSV/TSV "
                         "table or X/Y or exprs matrix lies genes x cells (--no-transpose: cells x "
                         "genes); default: told from labels, names or the counts, and said")
     parser.add_argument("--plot", action="store_true", help="also draw fig2.png, embedding.png "
                         "and losses.png (needs matplotlib, an optional extra)")
-
-
-def _check_out(out, overwrite):
-    """Refuse an --out that is not empty (without --overwrite) or cannot be created."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: output folder exists and is not empty (use --overwrite)")
-    base = next(p for p in out.absolute().parents if p.exists())
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"{out}: cannot create the output folder ({base} is not a writable folder)")
 
 
 def _inputs(args, config):
@@ -968,7 +923,7 @@ def _inputs(args, config):
                         ("--layer", args.layer), ("--transpose", args.transpose)):
         if args.demo and value is not None:
             raise ValueError(f"{flag} is about a file's contents; --demo reads no file")
-    _check_out(Path(args.out), args.overwrite)
+    datasets.check_out(Path(args.out), args.overwrite)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot draws with matplotlib, which is not installed (pip install "
                          "matplotlib)")
@@ -983,33 +938,6 @@ def _inputs(args, config):
         k = args.clusters
     prepared, adjacency = prepare(dataset, k, config)
     return dataset, prepared, adjacency, k
-
-
-def _write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def _write_outputs(folder, prepared, result, summary):
-    """labels.csv, embedding.csv, history.csv, summary.json into folder."""
-    cells = prepared.cell_names
-    _write_csv(folder / "labels.csv", ["cell", "cluster"], zip(cells, result.labels.tolist()))
-    d = result.embedding.shape[1]
-    _write_csv(folder / "embedding.csv", ["cell"] + [f"z{j + 1}" for j in range(d)],
-               ([c, *row] for c, row in zip(cells, result.embedding.tolist())))
-    keys = list(dict.fromkeys(k for row in result.history for k in row))
-    _write_csv(folder / "history.csv", keys, ([row.get(k, "") for k in keys]
-                                              for row in result.history))
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def _publish(tmp, out, overwrite):
-    """Move the finished temporary folder to --out, so --out never holds half a run."""
-    if out.exists() and overwrite:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
 
 
 def _pictures(folder, prepared, result):
@@ -1052,11 +980,11 @@ def main(argv=None):
                      "scipy": scipy.__version__, "torch": torch.__version__},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    _write_outputs(tmp, prepared, result, summary)
+    tmp = datasets.scratch_folder(out)
+    datasets.write_run(tmp, prepared.cell_names, result.labels, result.embedding, result.history,
+                       summary)
     pictures = _pictures(tmp, prepared, result) if args.plot else []
-    _publish(tmp, out, args.overwrite)
+    datasets.publish(tmp, out, args.overwrite)
     print(f"wrote {out}/: " + " ".join(["labels.csv", "embedding.csv", "history.csv",
                                         "summary.json", *pictures]))
     return 0
