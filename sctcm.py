@@ -69,7 +69,7 @@ class Config:
     gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2 (>= 0)
     gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2 (>= 0)
     n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10) (>= 2)
-    init: str = "consensus"        # phi^c start: "consensus", "merge", "spectral" (paper), "kmeans"
+    init: str = "merge"            # phi^c start: "merge", "consensus", "spectral" (paper), "kmeans"
     resolution: float = 0.5        # modularity resolution of init="merge" (> 0)
     beta_c: str = "auto"           # Eq. (6) margin threshold (in [0, 1) or "auto")
     beta_o: str = "auto"           # Eq. (9) margin threshold (in [0, 1) or "auto")

@@ -2295,6 +2295,8 @@ def test_cluster_lines_its_results_up_with_the_input_rows():
                       sctcm.Config(**QUICK_KEYWORDS), log=lambda line: None)
     assert np.array_equal(result.labels[~dropped], alone.labels)
     assert np.array_equal(result.embedding[~dropped], alone.embedding)
+    assert np.array_equal(result.pretrained[~dropped], alone.pretrained)
+    assert np.all(np.isnan(result.pretrained[dropped]))
     assert result.history == alone.history
 
 
