@@ -39,9 +39,13 @@ def kmeans(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):
     """k-means: greedy k-means++ seeding, Lloyd iterations, n_init restarts, lowest inertia kept.
 
     x: (n, d) array -> labels (n,), centers (k, d)."""
-    _, labels, centers = min(kmeans_restarts(x, k, seed, n_init, max_iter, tol),
-                             key=lambda run: run[0])
+    _, labels, centers = lowest_inertia(kmeans_restarts(x, k, seed, n_init, max_iter, tol))
     return labels, centers
+
+
+def lowest_inertia(restarts):
+    """The first of kmeans_restarts' runs with the lowest inertia: the one kmeans returns."""
+    return min(restarts, key=lambda run: run[0])
 
 
 def kmeans_restarts(x, k, seed=0, n_init=10, max_iter=300, tol=1e-6):

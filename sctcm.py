@@ -43,7 +43,8 @@ import datasets
 import geometry
 import plots
 from clustering import (agreement_groups, ari, centroid_ari, kmeans, kmeans_restarts,
-                        merge_overclusters, scores, spectral_clustering, symmetric_normalize)
+                        lowest_inertia, merge_overclusters, scores, spectral_clustering,
+                        symmetric_normalize)
 from zinb import zinb_nll
 
 
@@ -474,11 +475,10 @@ class Adversary:
         return generator_loss(self.disc(batch[1], batch[2])) if batch else out.z.new_zeros(())
 
     def step(self, out, members):
-        """One update of the K discriminators (Eq. 12), made after every phase-2 step. Their
-        inputs are built without gradient, so the step cannot reach the encoder or feature head.
-        -> {"L_d": sum, "L_d_chance": its value at chance, "L_d<k>": L_d^(k) of each
-        discriminator k that had inputs, "idle": the clusters (space-separated) whose
-        discriminator had none: fewer than m reliable cells}; only "idle" when none had any."""
+        """One update of the K discriminators (Eq. 12) after every phase-2 step, on inputs built
+        without gradient (so it cannot reach the encoder or feature head) -> {"L_d": sum,
+        "L_d_chance": its value at chance, "L_d<k>": L_d^(k) of each discriminator k with inputs,
+        "idle": the clusters (space-separated) with fewer than m reliable cells, so none}."""
         with torch.no_grad():
             batch = self.inputs(out, members)
         active = [] if batch is None else batch[2].tolist()
@@ -603,7 +603,7 @@ def _initial_partition(prepared, adjacency, n_clusters, config, restarts):
     if config.init == "consensus":
         return merge(agreement_groups([merge(over) for _, over, _ in restarts]))
     if config.init == "merge":
-        return merge(min(restarts, key=lambda run: run[0])[1])
+        return merge(lowest_inertia(restarts)[1])
     return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
 
 
@@ -703,7 +703,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     z = codes(model, data)
     pretrained = z.cpu().numpy()
     restarts = kmeans_restarts(pretrained, config.n_over, seed=config.seed)
-    _, over, centres = min(restarts, key=lambda run: run[0])
+    _, over, centres = lowest_inertia(restarts)
     if start is None:
         start = _initial_partition(prepared, adjacency, n_clusters, config, restarts)
     phi_c = nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)]))
