@@ -225,7 +225,20 @@ def centroid_ari(y, z):
     start. Compare it with the ARI that k-means on Z or phase 2 actually reaches. Cells whose
     label is missing (-1) are left out."""
     keep = np.asarray(y) >= 0
-    y, z = np.asarray(y)[keep], np.asarray(z, dtype=np.float64)[keep]
-    types = np.unique(y)
-    centres = np.stack([z[y == t].mean(0) for t in types])
-    return ari(y, types[squared_distances(z, centres).argmin(1)])
+    y = np.asarray(y)[keep]
+    return ari(y, nearest_mean(np.asarray(z)[keep], y))
+
+
+def nearest_mean(x, labels):
+    """The cluster of labels whose mean is nearest to each point of x (n, d): the partition
+    Eq. (5)'s argmax gives with its centres at the cluster means (its kernel falls with the
+    distance)."""
+    x, types = np.asarray(x, dtype=np.float64), np.unique(labels)
+    means = np.stack([x[labels == t].mean(0) for t in types])
+    return types[squared_distances(x, means).argmin(1)]
+
+
+def kept(x, labels):
+    """Share of the points whose nearest cluster mean (nearest_mean) is their own cluster's: 1
+    when the centres at the means give the partition back."""
+    return float(np.mean(nearest_mean(x, labels) == labels))

@@ -1046,6 +1046,23 @@ def pca(x, n_pcs=50):
 
 # ---------------------------------------------------------------- a run's output folder
 
+def describe(prepared, adjacency, k, log):
+    """The lines a run starts with: what preprocessing kept, the graph, the cells scored."""
+    n, g = prepared.x.shape
+    for note in prepared.notes:
+        log(note)
+    log(f"{prepared.name}: {n} cells x {g} genes, K = {k}, graph {adjacency.nnz // 2} edges")
+    if prepared.labels is not None and np.any(prepared.labels < 0):
+        labelled = np.count_nonzero(prepared.labels >= 0)
+        log(f"scored {labelled} of {n} cells with labels; the other {n - labelled} have none and "
+            "are clustered, not scored")
+
+
+def peak_memory_mb():
+    """Peak resident memory of this process in MB (Linux reports ru_maxrss in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 
 def check_out(out, overwrite):
     """Refuse, in one line, an output folder out that is not empty (unless overwrite) or cannot
@@ -1099,13 +1116,17 @@ SYN_SEPARATION = 4.0   # distance of each pair of arcs from the origin, along it
 SYN_RADIUS = 2.0       # radius of each arc
 SYN_OFFSET = -0.25     # vertical offset of the second arc of a pair, in radii (two moons: 0.5)
 SYN_WIDTH = 0.3        # half thickness of each sheet, along a third direction
-SYN_NOISE = 0.1        # isotropic latent noise
+SYN_NOISE = 0.1        # sd of the isotropic latent noise
 SYN_GAIN = 2.5         # scale of the log fold changes made by the random decoder
 SYN_INFORMATIVE = 0.7  # fraction of genes that depend on the latent position
 SYN_DROPOUT = 0.6      # pi_ig = SYN_DROPOUT / (1 + mu_ig): dropout hits weakly expressed entries
+DEMOS = {  # --demo PRESET -> synthetic()'s keywords
+    "easy": {},
+    "hard": {"noise": 0.3},  # three times the latent noise: the two arcs of each pair touch
+}
 
 
-def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0):
+def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0, noise=SYN_NOISE):
     """Labelled ZINB counts whose clusters lie on curved manifolds (the demo and test data).
 
     Latent z: clusters 2p and 2p+1 are two interlocking arcs thickened into bent sheets (_bent_sheets).
@@ -1113,11 +1134,11 @@ def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0):
     fraction SYN_INFORMATIVE of the genes, 0 for the rest. Counts: mu_ig = l_i softmax_g(eta_i)
     with library sizes l_i log-normal (median `depth` counts per cell, 3000 by default: UMI-like);
     X_ig ~ NB(mu_ig, theta_g) drawn as Poisson(Gamma(theta_g, mu_ig / theta_g)); then a dropout
-    zero with probability pi_ig.
+    zero with probability pi_ig. noise: the latent noise's sd (DEMOS["hard"]: 0.3).
     Deterministic for a seed. -> Dataset: counts (n_cells, n_genes) int64 dense, labels 0..K-1."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n_cells) % n_clusters)
-    z = _bent_sheets(labels, n_clusters, rng)
+    z = _bent_sheets(labels, n_clusters, rng, noise)
     eta = _random_decoder(z, n_genes, rng)
     library = rng.lognormal(np.log(depth), 0.35, n_cells)
     profile = np.exp(eta - eta.max(axis=1, keepdims=True))
@@ -1135,11 +1156,11 @@ def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0):
     )
 
 
-def _bent_sheets(labels, n_clusters, rng):
+def _bent_sheets(labels, n_clusters, rng, noise):
     """Latent codes (n, 4P), P = ceil(K / 2) pairs: pair p sits at SYN_SEPARATION * e_p; in its
     plane (f_p, g_p) cluster 2p is the upper arc R (cos t, sin t) and cluster 2p+1 the lower arc
     R (1 - cos t, SYN_OFFSET - sin t), t ~ U[0, pi] (two moons); a width s ~ U[-1, 1] along h_p
-    bends the arcs into sheets. e, f, g, h: a random orthonormal basis."""
+    bends the arcs into sheets; isotropic noise of sd noise. e, f, g, h: a random orthonormal basis."""
     n, n_pairs = len(labels), (n_clusters + 1) // 2
     dim = 4 * n_pairs
     e, f, g, h = np.linalg.qr(rng.normal(size=(dim, dim)))[0].reshape(4, n_pairs, dim)
@@ -1149,7 +1170,7 @@ def _bent_sheets(labels, n_clusters, rng):
     v = SYN_RADIUS * np.where(lower, SYN_OFFSET - np.sin(t), np.sin(t))
     s = SYN_WIDTH * rng.uniform(-1.0, 1.0, n)
     z = SYN_SEPARATION * e[pair] + u[:, None] * f[pair] + v[:, None] * g[pair] + s[:, None] * h[pair]
-    return z + rng.normal(0.0, SYN_NOISE, z.shape)
+    return z + rng.normal(0.0, noise, z.shape)
 
 
 def _random_decoder(z, n_genes, rng, hidden=32):
@@ -1183,7 +1204,7 @@ def _benchmark(n_cells=10_000, n_genes=20_000, density=0.1, seed=0):
         t2 = time.perf_counter()
         adjacency = knn_graph(prepared.x)
         t3 = time.perf_counter()
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    peak_gb = peak_memory_mb() / 1024
     print(f"{n_cells} cells x {n_genes} genes, {data.counts.nnz / (n_cells * n_genes):.1%} non-zero | "
           f"load {t1 - t0:.1f} s | preprocess {t2 - t1:.1f} s | knn_graph {t3 - t2:.1f} s | "
           f"total {t3 - t0:.1f} s | peak RSS {peak_gb:.2f} GB | {adjacency.nnz} edges")

@@ -24,8 +24,9 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import os
 import re
-import resource
+import subprocess
 import sys
 import time
 import warnings
@@ -42,7 +43,7 @@ from torch import nn
 import datasets
 import geometry
 import plots
-from clustering import (agreement_groups, ari, centroid_ari, kmeans, kmeans_restarts,
+from clustering import (agreement_groups, ari, centroid_ari, kept, kmeans, kmeans_restarts,
                         lowest_inertia, merge_overclusters, scores, spectral_clustering,
                         symmetric_normalize)
 from zinb import zinb_nll
@@ -70,8 +71,8 @@ class Config:
     gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2 (>= 0)
     gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2 (>= 0)
     n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10) (>= 2)
-    init: str = "merge"            # phi^c start: "merge", "consensus", "spectral" (paper), "kmeans"
-    resolution: float = 0.5        # modularity resolution of init="merge" (> 0)
+    init: str = "consistent"       # phi^c: "consistent", "merge", "consensus", "spectral", "kmeans"
+    resolution: float = 0.5        # modularity resolution of the merges on A (> 0)
     beta_c: str = "auto"           # Eq. (6) margin threshold (in [0, 1) or "auto")
     beta_o: str = "auto"           # Eq. (9) margin threshold (in [0, 1) or "auto")
     reliable_frac: float = 0.15    # "auto": share of cells reliable when phase 2 starts (in (0, 1])
@@ -591,15 +592,18 @@ def _geometry(z, labels):
     return geometry.cluster_geometry(z.cpu().numpy(), labels)
 
 
-def _initial_partition(prepared, adjacency, n_clusters, config, restarts):
+def _initial_partition(prepared, adjacency, n_clusters, config, restarts, z):
     """The partition whose mean codes become phi^c: the paper's spectral clustering of A
     (init="spectral"), or, not in the paper (README), the K_o overclusters of Z (restarts: their
-    kmeans_restarts) of each restart merged on A, then the groups all the merges agree on merged
-    again (init="consensus"); the lowest-inertia restart merged once (init="merge"); k-means on
-    the top n_pcs principal components of the encoder input (init="kmeans")."""
+    kmeans_restarts) of each restart merged on A, and of these the one its own mean codes keep
+    best (init="consistent", kept) or the groups all of them agree on merged again
+    (init="consensus"); the lowest-inertia restart merged once (init="merge"); k-means on the
+    top n_pcs principal components of the encoder input (init="kmeans")."""
     if config.init == "spectral":
         return spectral_clustering(adjacency, n_clusters, seed=config.seed)
     merge = lambda groups: merge_overclusters(adjacency, groups, n_clusters, config.resolution)
+    if config.init == "consistent":
+        return max((merge(over) for _, over, _ in restarts), key=lambda p: kept(z, p))
     if config.init == "consensus":
         return merge(agreement_groups([merge(over) for _, over, _ in restarts]))
     if config.init == "merge":
@@ -618,6 +622,8 @@ def _check_start(start, n, n_clusters):
 
 
 LOG_KEYS = {  # history key -> its part of a log line, in the line's order
+    "start": "start ({start}, its mean codes keep {kept:.1%} of it)",
+    "beta_c": "beta_c {beta_c:.4f}", "beta_o": "beta_o {beta_o:.4f}",
     **{key: f"{key} {{{key}:.4f}}" for key in ("L_X", "L_A", "L_c", "L_o", "L_g")},
     "L_d": "L_d {L_d:.4f} (chance {L_d_chance:.4f})",
     "idle": "no L_d for cluster {idle} (< m reliable)", "reliable_c": "reliable {reliable_c}/{n}",
@@ -665,8 +671,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     An epoch is one optimiser step on one Batch (Sampler: every cell and pair, or above
     batch_size cells unbiased estimates from a batch and sampled pairs; the steps do not grow
     with n). Codes, targets, reliable sets and ID/LID are always of every cell.
-    Result.metrics: the scores (when labels are known), the start's, phase2_epochs and warnings
-    (run_warnings' lines, also logged; empty for a healthy run)."""
+    Result.history: a row per log line (phase 2's epoch 0: the start). Result.metrics: the
+    scores (labels known), the start's, phase2_epochs, warnings (run_warnings' lines, logged)."""
     config = config or Config()
     check_config(config)
     origin = config.init if start is None else "given"
@@ -705,7 +711,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     restarts = kmeans_restarts(pretrained, config.n_over, seed=config.seed)
     _, over, centres = lowest_inertia(restarts)
     if start is None:
-        start = _initial_partition(prepared, adjacency, n_clusters, config, restarts)
+        start = _initial_partition(prepared, adjacency, n_clusters, config, restarts, pretrained)
     phi_c = nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)]))
     phi_o = nn.Parameter(torch.as_tensor(centres, dtype=torch.float32, device=z.device))
     adversary = Adversary(model, n_clusters, n_genes, config, rng)
@@ -716,9 +722,11 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     with torch.no_grad():
         beta_c = _threshold(config.beta_c, soft_assign(z, phi_c), config.reliable_frac)
         beta_o = _threshold(config.beta_o, soft_assign(z, phi_o), config.reliable_frac)
-    start_scores = scores(y, start)
-    log(f"phase 2 | beta_c {beta_c:.4f} | beta_o {beta_o:.4f} | start ({origin})"
-        + "".join(f" | {key.upper()} {value:.3f}" for key, value in start_scores.items()))
+    start_scores = {**scores(y, start), "kept": kept(pretrained, start)}
+    row = {"phase": 2, "epoch": 0, "of": config.max_epochs, "start": origin, "beta_c": beta_c,
+           "beta_o": beta_o, **start_scores}
+    row["ID"], row["LID"] = _geometry(z, start)
+    record(row, z)
 
     # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
     steps = ["c"] + ["o"] * config.overclustering + ["g"] * config.adversarial
@@ -796,7 +804,7 @@ def cluster(counts, n_clusters, labels=None, log=print, **config):
     _check_settings(n_clusters, config)
     dataset = datasets.from_counts(counts, labels)
     prepared, adjacency = prepare(dataset, n_clusters, config)
-    _describe(prepared, adjacency, n_clusters, log)
+    datasets.describe(prepared, adjacency, n_clusters, log)
     result = fit(prepared, adjacency, n_clusters, config, log=log)
     rows = np.full(dataset.counts.shape[0], -1, dtype=result.labels.dtype)
     rows[prepared.cells] = result.labels
@@ -827,23 +835,11 @@ def prepare(dataset, k, config):
     if max(k, config.n_over) > prepared.x.shape[0]:
         raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
                          f"{prepared.x.shape[0]} cells")
-    if config.init in ("merge", "consensus") and k > config.n_over:
+    if config.init in ("consistent", "merge", "consensus") and k > config.n_over:
         raise ValueError(f"--init {config.init} merges the {config.n_over} overclusters: "
                          f"--clusters {k} needs --n-over at least as large")
     adjacency = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
     return prepared, adjacency
-
-
-def _describe(prepared, adjacency, k, log):
-    """The lines a run starts with: what preprocessing kept, the graph, the cells scored."""
-    n, g = prepared.x.shape
-    for note in prepared.notes:
-        log(note)
-    log(f"{prepared.name}: {n} cells x {g} genes, K = {k}, graph {adjacency.nnz // 2} edges")
-    if prepared.labels is not None and np.any(prepared.labels < 0):
-        labelled = np.count_nonzero(prepared.labels >= 0)
-        log(f"scored {labelled} of {n} cells with labels; the other {n - labelled} have none and "
-            "are clustered, not scored")
 
 
 # ---------------------------------------------------------------- command line
@@ -885,6 +881,8 @@ def _parser():
                 dict(type=_beta if f.name.startswith("beta") else type(default)))
         group.add_argument(flag, default=default, help=f"{helps[f.name]}; default {default}",
                            **kind)
+    groups["run"].add_argument("--threads", type=int, help="threads of torch and of numpy's BLAS "
+                               "(>= 1); default: theirs, every core (on a busy machine try 1)")
     return parser
 
 
@@ -894,7 +892,9 @@ def _files(parser):
                         ".h5ad, .loom, 10x folder, CSV/TSV")
     parser.add_argument("--clusters", type=int, help="K, the number of clusters, >= 2 (required "
                         "for a file; labels in the file are used for scoring only)")
-    parser.add_argument("--demo", action="store_true", help="run on datasets.synthetic()")
+    parser.add_argument("--demo", nargs="?", const="easy", choices=list(datasets.DEMOS),
+                        help="run on datasets.synthetic(), 1,500 cells of 6 types: easy (the "
+                        "default) or hard (noisier: the arcs of each pair touch)")
     parser.add_argument("--out", default="sctcm_output", help="output folder, default "
                         "sctcm_output (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
@@ -917,7 +917,7 @@ def _inputs(args, config):
     """Check the command line, then load, preprocess and build the graph; every bad input raises
     ValueError (one line)."""
     _check_settings(args.clusters, config)
-    if args.demo == bool(args.path):
+    if bool(args.demo) == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
     for flag, value in (("--label-key", args.label_key), ("--labels", args.labels),
                         ("--layer", args.layer), ("--transpose", args.transpose)):
@@ -928,7 +928,7 @@ def _inputs(args, config):
         raise ValueError("--plot draws with matplotlib, which is not installed (pip install "
                          "matplotlib)")
     if args.demo:
-        dataset = datasets.synthetic()
+        dataset = datasets.synthetic(**datasets.DEMOS[args.demo])
         k = args.clusters or len(dataset.label_names)
     else:
         if args.clusters is None:
@@ -940,16 +940,28 @@ def _inputs(args, config):
     return dataset, prepared, adjacency, k
 
 
-def _pictures(folder, prepared, result):
-    """--plot: plots.draw's three PNG files into folder -> their names (_inputs has checked that
-    matplotlib, optional and not in requirements.txt, is installed)."""
-    return plots.draw(folder, result.history, result.embedding, result.labels, prepared.labels,
-                      prepared.label_names, prepared.name, result.pretrained)
+BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _in_threads(argv, threads):
+    """--threads N: numpy's BLAS reads its thread count from the environment only as it loads,
+    so the run is made by a child process started with BLAS_THREADS = N (torch reads the first)
+    -> its exit code (2 for N < 1); None where this process was started so (torch: N threads)."""
+    if threads < 1:
+        print(f"sctcm: error: --threads {threads}: give 1 or more", file=sys.stderr)
+        return 2
+    if any(os.environ.get(name) != str(threads) for name in BLAS_THREADS):
+        env = {**os.environ, **dict.fromkeys(BLAS_THREADS, str(threads))}
+        return subprocess.call([sys.executable, str(Path(__file__).resolve()), *argv], env=env)
+    torch.set_num_threads(threads)
 
 
 def main(argv=None):
     """The command line: python sctcm.py PATH --clusters K, or python sctcm.py --demo."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    if args.threads is not None and (code := _in_threads(argv, args.threads)) is not None:
+        return code
     start = time.time()
     config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     config.decoder = tuple(config.decoder)
@@ -959,7 +971,7 @@ def main(argv=None):
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
     n, g = prepared.x.shape
-    _describe(prepared, adjacency, k, print)
+    datasets.describe(prepared, adjacency, k, print)
     prep_seconds = time.time() - start
     try:
         result = fit(prepared, adjacency, k, config)
@@ -974,7 +986,7 @@ def main(argv=None):
         "dataset": dataset.name, "cells": n, "genes": g, "clusters": k,
         "metrics": result.metrics,
         "seconds": {"preprocess_and_graph": prep_seconds, "total": seconds},
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": datasets.peak_memory_mb(), "threads": torch.get_num_threads(),
         "config": dataclasses.asdict(config),
         "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
                      "scipy": scipy.__version__, "torch": torch.__version__},
@@ -983,16 +995,14 @@ def main(argv=None):
     tmp = datasets.scratch_folder(out)
     datasets.write_run(tmp, prepared.cell_names, result.labels, result.embedding, result.history,
                        summary)
-    pictures = _pictures(tmp, prepared, result) if args.plot else []
+    pictures = []
+    if args.plot:
+        pictures = plots.draw(tmp, result.history, result.embedding, result.labels, prepared.labels,
+                              prepared.label_names, prepared.name, result.pretrained)
     datasets.publish(tmp, out, args.overwrite)
     print(f"wrote {out}/: " + " ".join(["labels.csv", "embedding.csv", "history.csv",
                                         "summary.json", *pictures]))
     return 0
-
-
-def _peak_memory_mb():
-    """Peak resident memory of this process in MB (Linux reports ru_maxrss in kB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

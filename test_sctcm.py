@@ -801,6 +801,25 @@ def test_synthetic_is_deterministic_labelled_counts():
     assert 800 < np.median(deep.counts.sum(1)) / np.median(library) < 1200
 
 
+def test_hard_demo_is_the_easy_one_with_three_times_the_latent_noise():
+    easy, hard = (datasets.synthetic(**datasets.DEMOS[name]) for name in ("easy", "hard"))
+    np.testing.assert_array_equal(easy.counts, datasets.synthetic().counts)
+    np.testing.assert_array_equal(hard.counts, datasets.synthetic(noise=3 * datasets.SYN_NOISE).counts)
+    np.testing.assert_array_equal(hard.labels, easy.labels)  # the same cells and types
+    assert hard.counts.shape == (1500, 1000) and not np.array_equal(hard.counts, easy.counts)
+
+
+@pytest.mark.slow
+def test_hard_demo_arcs_touch_where_the_easy_ones_do_not():
+    """In the kNN graph the hard preset's clusters share edges (5 times the easy share)."""
+    shares = []
+    for name in ("easy", "hard"):
+        p = datasets.preprocess(datasets.synthetic(**datasets.DEMOS[name]))
+        a = datasets.knn_graph(p.x).tocoo()
+        shares.append(np.mean(p.labels[a.row] != p.labels[a.col]))
+    assert shares[0] < 0.015 and shares[1] > 3 * shares[0]
+
+
 def test_synthetic_clusters_are_graph_separable():
     p = datasets.preprocess(datasets.synthetic())
     a = datasets.knn_graph(p.x).tocoo()
@@ -1980,6 +1999,42 @@ def test_sampled_losses_train_on_batches_and_cluster_as_well(monkeypatch):
     assert sampled.metrics["ari"] > 0.95
 
 
+def _kept_by_loop(z, labels):
+    """kept with a loop over the points: nearest cluster mean by explicit distances."""
+    means = {c: np.mean([p for p, l in zip(z, labels) if l == c], axis=0) for c in set(labels)}
+    nearest = [min(means, key=lambda c: float(np.sum((p - means[c]) ** 2))) for p in z]
+    return np.mean(np.array(nearest) == labels)
+
+
+def test_kept_is_the_share_of_points_whose_nearest_mean_is_their_own_clusters():
+    z = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [3.5]])
+    labels = np.array([0, 0, 0, 1, 1, 1])  # means 1 and 8.17: the point at 3.5 is nearer 1
+    np.testing.assert_array_equal(clustering.nearest_mean(z, labels), [0, 0, 0, 1, 1, 0])
+    assert clustering.kept(z, labels) == pytest.approx(5 / 6)
+    rng = np.random.default_rng(0)
+    z, labels = rng.normal(size=(200, 3)), rng.integers(0, 4, 200)
+    assert clustering.kept(z, labels) == pytest.approx(_kept_by_loop(z, labels))
+    assert clustering.kept(z, clustering.nearest_mean(z, labels)) > clustering.kept(z, labels)
+
+
+@pytest.mark.slow
+def test_the_start_is_a_history_row_with_its_scores_and_kept_share():
+    """Phase 2's row 0: the start partition's ACC/NMI/ARI, the share its mean codes keep, beta
+    and ID/LID on the codes after phase 1; metrics["start"] holds the same scores."""
+    prepared, adjacency = _tiny_problem()
+    y, lines = prepared.labels, []
+    result = sctcm.fit(prepared, adjacency, 3, _tiny_config(), log=lines.append, start=(y + 1) % 3)
+    row = next(r for r in result.history if r["phase"] == 2)
+    assert row["epoch"] == 0 and row["start"] == "given"
+    assert row["ari"] == 1.0 and row["acc"] == 1.0  # the labels renamed: a perfect start
+    assert row["kept"] == pytest.approx(_kept_by_loop(result.pretrained, y))
+    assert (row["ID"], row["LID"]) == geometry.cluster_geometry(result.pretrained, y)
+    assert 0 <= row["beta_c"] < 1 and 0 <= row["beta_o"] < 1
+    assert result.metrics["start"] == {k: row[k] for k in ("acc", "nmi", "ari", "kept")}
+    line = next(line for line in lines if "start (given" in line)
+    assert f"keep {row['kept']:.1%}" in line and "ARI 1.000" in line
+
+
 @pytest.mark.slow
 def test_fit_starts_phase_2_from_a_given_partition():
     prepared, adjacency = _tiny_problem()
@@ -2006,7 +2061,7 @@ def test_history_logs_the_true_centre_ari_of_the_codes_in_both_phases():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["spectral", "kmeans", "merge", "consensus"])
+@pytest.mark.parametrize("init", ["spectral", "kmeans", "merge", "consensus", "consistent"])
 def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
     """phi^c starts at the mean code of each cluster of the chosen partition of the cells."""
     prepared, adjacency = _tiny_problem()
@@ -2027,11 +2082,14 @@ def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
     elif init == "merge":
         over = clustering.kmeans(z, config.n_over, seed=0)[0]
         expected = clustering.merge_overclusters(adjacency, over, 3, config.resolution)
-    else:  # each restart's overclusters merged, then what all of them agree on merged again
+    else:
         merged = [clustering.merge_overclusters(adjacency, over, 3, config.resolution)
                   for _, over, _ in clustering.kmeans_restarts(z, config.n_over, seed=0)]
+    if init == "consensus":  # what all the restarts' merges agree on, merged again
         expected = clustering.merge_overclusters(adjacency, clustering.agreement_groups(merged),
                                                  3, config.resolution)
+    if init == "consistent":  # the merge whose mean codes give back most of its cells
+        expected = merged[int(np.argmax([_kept_by_loop(z, m) for m in merged]))]
     means = np.stack([z[expected == k].mean(0) for k in range(3)])
     assert np.allclose(centers, means, atol=1e-5)
 
@@ -2129,8 +2187,37 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path):
     embedding = (tmp_path / "out" / "embedding.csv").read_text().splitlines()
     assert len(embedding) == 301 and len(embedding[1].split(",")) == 16
     history = (tmp_path / "out" / "history.csv").read_text().splitlines()
-    assert "ID" in history[0].split(",") and len(history) == 1 + 5 + 2  # phase 1 and 2 rows
+    assert "ID" in history[0].split(",") and len(history) == 1 + 5 + 1 + 2  # phase 1, start, 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "small.h5"]
+
+
+def test_threads_reruns_the_command_with_the_blas_variables_set(tmp_path, monkeypatch):
+    """numpy's BLAS reads its threads only as it loads: --threads N makes a child process with
+    OMP/OPENBLAS/MKL_NUM_THREADS = N and the same arguments, unless they are set so already."""
+    calls = []
+    monkeypatch.setattr(sctcm.subprocess, "call", lambda argv, env: calls.append((argv, env)) or 7)
+    for name in sctcm.BLAS_THREADS:
+        monkeypatch.setenv(name, "4")
+    args = ["--demo", "--threads", "2", "--out", str(tmp_path / "out")]
+    assert sctcm.main(args) == 7  # the child's exit code
+    (argv, env), = calls
+    assert argv[1:] == [str(REPO / "sctcm.py"), *args]
+    assert all(env[name] == "2" for name in sctcm.BLAS_THREADS)
+    monkeypatch.setattr(sctcm.subprocess, "call", None)  # started so: no child
+    threads = torch.get_num_threads()
+    try:
+        assert sctcm.main(["--demo", "--threads", "4", "--clusters", "1"]) == 2
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_threads_gives_torch_that_many_threads(tmp_path):
+    run = _cli("--demo", "--threads", "1", "--pretrain-epochs", "2", "--max-epochs", "1",
+               "--out", "out", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["threads"] == 1
 
 
 BAD_CLI = [
@@ -2146,6 +2233,7 @@ BAD_CLI = [
     (["data.h5", "--clusters", "5", "--init", "merge", "--n-over", "4"], "--n-over"),
     (["data.h5", "--clusters", "3", "--init", "merge", "--resolution", "0"], "--resolution"),
     (["data.h5"], "--clusters K is required"),
+    (["data.h5", "--clusters", "3", "--threads", "0"], "--threads"),
     ([], "PATH or --demo"),
     (["notes.txt", "--clusters", "3"], "notes.txt"),
     (["data.h5", "--clusters", "3", "--out", "full"], "not empty"),
