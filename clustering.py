@@ -151,6 +151,16 @@ def merge_overclusters(a, over, k, resolution=0.5):
     return group[over]
 
 
+def check_partition(labels, n, k):
+    """labels as an array, or ValueError unless it puts each of n points in one of the clusters
+    0..k-1 and leaves none of them empty (fit's start: phi^c is the mean code of each)."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.array_equal(np.unique(labels), np.arange(k)):
+        raise ValueError(f"start must give each of the {n} cells a cluster in 0..{k - 1}, with "
+                         "no cluster empty")
+    return labels
+
+
 def agreement_groups(partitions):
     """The groups of cells that every one of several partitions puts together (their
     intersection: co-association 1 in the sense of evidence accumulation, Fred & Jain 2005),

@@ -43,9 +43,9 @@ from torch import nn
 import datasets
 import geometry
 import plots
-from clustering import (agreement_groups, ari, centroid_ari, kept, kmeans, kmeans_restarts,
-                        lowest_inertia, merge_overclusters, scores, spectral_clustering,
-                        symmetric_normalize)
+from clustering import (agreement_groups, ari, centroid_ari, check_partition, kept, kmeans,
+                        kmeans_restarts, lowest_inertia, merge_overclusters, scores,
+                        spectral_clustering, symmetric_normalize)
 from zinb import zinb_nll
 
 
@@ -611,16 +611,6 @@ def _initial_partition(prepared, adjacency, n_clusters, config, restarts, z):
     return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
 
 
-def _check_start(start, n, n_clusters):
-    """fit's start as an int array, or ValueError unless it puts every cell in one of the
-    clusters 0..K-1 and leaves none of them empty (phi^c is the mean code of each)."""
-    start = np.asarray(start)
-    if start.shape != (n,) or not np.array_equal(np.unique(start), np.arange(n_clusters)):
-        raise ValueError(f"start must give each of the {n} cells a cluster in 0..{n_clusters - 1}"
-                         ", with no cluster empty")
-    return start
-
-
 LOG_KEYS = {  # history key -> its part of a log line, in the line's order
     "start": "start ({start}, its mean codes keep {kept:.1%} of it)",
     "beta_c": "beta_c {beta_c:.4f}", "beta_o": "beta_o {beta_o:.4f}",
@@ -677,7 +667,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     check_config(config)
     origin = config.init if start is None else "given"
     if start is not None:
-        start = _check_start(start, adjacency.shape[0], n_clusters)
+        start = check_partition(start, adjacency.shape[0], n_clusters)
     rng = np.random.default_rng(config.seed)
     data, sampler, model = setup(prepared, adjacency, config)
     y, (n, n_genes) = prepared.labels, prepared.x.shape

@@ -1859,8 +1859,9 @@ def test_ablation_flags_remove_their_losses():
 
 def _script_geometry(monkeypatch, script):
     """Make the i-th phase-2 evaluation of the mean (ID, LID) return script[i] ((1, 2) when the
-    script is done; phase 1 gets (1, 2) too). Phase 2 starts with the first soft assignment."""
-    soft_assign, phase2, values = sctcm.soft_assign, [], iter(script)
+    script is done; phase 1 and the start's row get (1, 2) too). Phase 2 starts with the first
+    soft assignment."""
+    soft_assign, phase2, values = sctcm.soft_assign, [], iter([(1.0, 2.0), *script])
 
     def spy(z, centers):
         phase2.append(True)
@@ -1886,7 +1887,7 @@ def test_phase2_stops_at_the_first_evaluation_after_min_epochs_where_id_reaches_
     result = _fit(pretrain_epochs=2, eval_every=2, min_epochs=min_epochs, max_epochs=12)
     assert result.metrics["phase2_epochs"] == stop
     logged = [row["epoch"] for row in result.history if row["phase"] == 2]
-    assert logged == list(range(2, stop + 1, 2))
+    assert logged == list(range(0, stop + 1, 2))  # epoch 0: the start
 
 
 @pytest.mark.parametrize("adversarial, overclustering, cycle", [
