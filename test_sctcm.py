@@ -1949,14 +1949,17 @@ def test_the_same_cells_cluster_alike_at_umi_and_smart_seq2_depth():
     Smart-seq2 read depth). Before the mean head's intercept, the 3e6 run ended phase 1 with
     L_A 21 (codes of median norm 5.3, against 1.7 at 3000), its reliable set emptied and its
     ARI was 0.75 (1.0 at 3000). Both runs must end phase 1 with L_A below log 2, keep reliable
-    cells, reach ARIs within 0.05 of each other and warn of nothing."""
+    cells, reach ARIs within 0.05 of each other and warn of nothing. The start is pinned to
+    init="merge", the one this test was written with: it is about depth, and on these 300
+    cells the default start gives 0.85 at 3000 counts (the closing note of issue 25)."""
     runs = []
     for depth in (3000.0, 3e6):
         data = datasets.synthetic(n_cells=300, n_genes=1000, n_clusters=3, seed=0, depth=depth)
         prepared = datasets.preprocess(data)
         adjacency = datasets.knn_graph(prepared.x, k=10, n_pcs=20)
         config = sctcm.Config(pretrain_epochs=100, max_epochs=30, min_epochs=30, eval_every=10,
-                              update_every=10, n_over=12, hidden=32, disc_hidden=8, n_cvx=8)
+                              update_every=10, n_over=12, hidden=32, disc_hidden=8, n_cvx=8,
+                              init="merge")
         runs.append(sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None))
     for run in runs:
         assert [row for row in run.history if row["phase"] == 1][-1]["L_A"] < np.log(2)
