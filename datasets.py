@@ -1063,7 +1063,6 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-
 def check_out(out, overwrite):
     """Refuse, in one line, an output folder out that is not empty (unless overwrite) or cannot
     be created: checked before any work, so a bad --out costs nothing."""
@@ -1160,7 +1159,8 @@ def _bent_sheets(labels, n_clusters, rng, noise):
     """Latent codes (n, 4P), P = ceil(K / 2) pairs: pair p sits at SYN_SEPARATION * e_p; in its
     plane (f_p, g_p) cluster 2p is the upper arc R (cos t, sin t) and cluster 2p+1 the lower arc
     R (1 - cos t, SYN_OFFSET - sin t), t ~ U[0, pi] (two moons); a width s ~ U[-1, 1] along h_p
-    bends the arcs into sheets; isotropic noise of sd noise. e, f, g, h: a random orthonormal basis."""
+    bends the arcs into sheets; then isotropic noise of sd noise. e, f, g, h: a random
+    orthonormal basis."""
     n, n_pairs = len(labels), (n_clusters + 1) // 2
     dim = 4 * n_pairs
     e, f, g, h = np.linalg.qr(rng.normal(size=(dim, dim)))[0].reshape(4, n_pairs, dim)

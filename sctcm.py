@@ -594,18 +594,18 @@ def _geometry(z, labels):
 
 def _initial_partition(prepared, adjacency, n_clusters, config, restarts, z):
     """The partition whose mean codes become phi^c: the paper's spectral clustering of A
-    (init="spectral"), or, not in the paper (README), the K_o overclusters of Z (restarts: their
-    kmeans_restarts) of each restart merged on A, and of these the one its own mean codes keep
-    best (init="consistent", kept) or the groups all of them agree on merged again
-    (init="consensus"); the lowest-inertia restart merged once (init="merge"); k-means on the
-    top n_pcs principal components of the encoder input (init="kmeans")."""
+    (init="spectral"), or, not in the paper (README), each restart's K_o overclusters of Z
+    (restarts) merged on A and the merge its mean codes keep best (init="consistent", kept), or
+    the groups all merges agree on merged again (init="consensus"), or the lowest-inertia restart
+    merged (init="merge"); k-means on n_pcs principal components of x (init="kmeans")."""
     if config.init == "spectral":
         return spectral_clustering(adjacency, n_clusters, seed=config.seed)
     merge = lambda groups: merge_overclusters(adjacency, groups, n_clusters, config.resolution)
+    each_merged = lambda: [merge(over) for _, over, _ in restarts]
     if config.init == "consistent":
-        return max((merge(over) for _, over, _ in restarts), key=lambda p: kept(z, p))
+        return max(each_merged(), key=lambda p: kept(z, p))
     if config.init == "consensus":
-        return merge(agreement_groups([merge(over) for _, over, _ in restarts]))
+        return merge(agreement_groups(each_merged()))
     if config.init == "merge":
         return merge(lowest_inertia(restarts)[1])
     return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
