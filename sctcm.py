@@ -379,21 +379,28 @@ def kl_divergence(q, p, reduction="mean"):
 
 # ---------------------------------------------------------------- Eqs. (11)-(13): adversarial
 
-def convex_combinations(z, members, m, n_cvx, rng):
-    """Latent convex combinations of Eq. (11): sum_i theta_i f_E(x_i), theta ~ Dirichlet(1).
-
-    members: one index array per cluster (reliable cells of that cluster); clusters with fewer
-    than m members are skipped. Returns (z_cvx (k', n_cvx, d), clusters (k',) long) or None."""
+def draw_combinations(members, m, n_cvx, rng):
+    """Which codes each convex combination of Eq. (11) mixes, and with what weights: for every
+    cluster with at least m members, n_cvx draws of m distinct members and theta ~ Dirichlet(1),
+    uniform on the simplex. members: one index array per cluster (its reliable cells).
+    -> (active (k',) the clusters drawn from, picks (k', n_cvx, m), theta (k', n_cvx, m)),
+    or None when no cluster has m members."""
     active = [k for k, idx in enumerate(members) if len(idx) >= m]
     if not active:
         return None
     picks = np.stack([[rng.choice(members[k], m, replace=False) for _ in range(n_cvx)]
                       for k in active])
-    theta = torch.as_tensor(rng.dirichlet(np.ones(m), size=(len(active), n_cvx)),
-                            dtype=z.dtype, device=z.device)
+    return np.array(active), picks, rng.dirichlet(np.ones(m), size=(len(active), n_cvx))
+
+
+def convex_combinations(z, picks, theta):
+    """The latent points of Eq. (11), sum_i theta_i f_E(x_i), one per row of picks.
+
+    z: (n, d) codes; picks, theta: (k', n_cvx, m) cells and weights (draw_combinations)
+    -> (k', n_cvx, d)."""
+    theta = torch.as_tensor(theta, dtype=z.dtype, device=z.device)
     rows = z.index_select(0, torch.as_tensor(picks.ravel(), device=z.device))  # see structure_loss
-    z_cvx = (theta[..., None] * rows.view(*picks.shape, -1)).sum(2)
-    return z_cvx, torch.as_tensor(active, device=z.device)
+    return (theta[..., None] * rows.view(*picks.shape, -1)).sum(2)
 
 
 class Discriminators(nn.Module):
@@ -447,6 +454,20 @@ def generator_loss(fake_logits):
     return (-F.softplus(fake_logits)).mean(1).sum()
 
 
+@dataclass
+class Samples:
+    """What the discriminators of one phase-2 step compare (Eqs. 11-12), for each cluster k of
+    `active`: n_cvx decoded convex combinations (fake) of the codes of cvx_picks[k] with weights
+    theta[k], and n_cvx reconstructions (real) of the reliable cells real_picks[k], both
+    standardised by the real batch (standardise)."""
+    active: torch.Tensor    # (k',) the clusters with at least m reliable cells
+    cvx_picks: np.ndarray   # (k', n_cvx, m) the cells of each convex combination
+    theta: np.ndarray       # (k', n_cvx, m) their weights, Dirichlet(1)
+    real_picks: np.ndarray  # (k', n_cvx) the cells whose reconstructions are the real samples
+    real: torch.Tensor      # (k', n_cvx, g)
+    fake: torch.Tensor      # (k', n_cvx, g)
+
+
 class Adversary:
     """Eqs. (11)-(13) in a run: the K discriminators, their Adam optimiser and what they compare,
     reconstructions of reliable cells (real) and decoded convex combinations of their codes
@@ -458,39 +479,44 @@ class Adversary:
         self.optimizer = torch.optim.Adam(self.disc.parameters(), lr=config.lr_adv)
 
     def inputs(self, out, members):
-        """(real, fake, active) standardised for the discriminators `active`, or None when no
-        cluster has m reliable cells. out: the epoch's Pass; members: reliable cells per cluster."""
-        config, features = self.config, self.model.features
-        batch = convex_combinations(out.z, members, config.m_cvx, config.n_cvx, self.rng)
-        if batch is None:
+        """The Samples of one step, or None when no cluster has m reliable cells.
+        out: the epoch's Pass; members: reliable cells per cluster (C_k intersected with Omega_c)."""
+        config, features, device = self.config, self.model.features, out.z.device
+        drawn = draw_combinations(members, config.m_cvx, config.n_cvx, self.rng)
+        if drawn is None:
             return None
-        z_cvx, active = batch
-        fake = torch.log1p(features(z_cvx)[1])
-        picks = np.stack([self.rng.choice(members[k], config.n_cvx) for k in active.tolist()])
-        real = torch.log1p(out.rate_of(torch.as_tensor(picks, device=out.z.device), features))
-        return *standardise(real, fake), active
+        active, cvx_picks, theta = drawn
+        fake = torch.log1p(features(convex_combinations(out.z, cvx_picks, theta))[1])
+        real_picks = np.stack([self.rng.choice(members[k], config.n_cvx) for k in active])
+        real = torch.log1p(out.rate_of(torch.as_tensor(real_picks, device=device), features))
+        return Samples(torch.as_tensor(active, device=device), cvx_picks, theta, real_picks,
+                       *standardise(real, fake))
 
-    def generator_loss(self, out, members):
-        """L_g of Eq. (13) on this epoch's pass (0 when no cluster has m reliable cells)."""
-        batch = self.inputs(out, members)
-        return generator_loss(self.disc(batch[1], batch[2])) if batch else out.z.new_zeros(())
+    def generator_loss(self, samples):
+        """L_g of Eq. (13) on the fake samples of a step."""
+        return generator_loss(self.disc(samples.fake, samples.active))
 
-    def step(self, out, members):
-        """One update of the K discriminators (Eq. 12) after every phase-2 step, on inputs built
-        without gradient (so it cannot reach the encoder or feature head) -> {"L_d": sum,
-        "L_d_chance": its value at chance, "L_d<k>": L_d^(k) of each discriminator k with inputs,
-        "idle": the clusters (space-separated) with fewer than m reliable cells, so none}."""
-        with torch.no_grad():
-            batch = self.inputs(out, members)
-        active = [] if batch is None else batch[2].tolist()
-        idle = {"idle": " ".join(str(k) for k in range(len(members)) if k not in active)}
-        if batch is None:
-            return idle
-        real, fake, which = batch
-        per = discriminator_loss(self.disc(real, which), self.disc(fake, which), reduction="none")
+    def step(self, samples):
+        """One update of the K discriminators (Eq. 12) on samples built without gradient (so it
+        cannot reach the encoder or feature head) -> L_d^(k) of each discriminator of
+        samples.active, (k',), as they were before the update."""
+        real = self.disc(samples.real, samples.active)
+        per = discriminator_loss(real, self.disc(samples.fake, samples.active), reduction="none")
         optimise(self.optimizer, per.sum())
-        return {"L_d": per.sum().item(), "L_d_chance": 2 * np.log(2) * len(per),
-                **{f"L_d{k}": v for k, v in zip(active, per.tolist())}, **idle}
+        return per.detach()
+
+
+def discriminator_fields(per, active, n_clusters):
+    """A history row's fields of the discriminators: "L_d" (their sum), "L_d_chance" (its value at
+    chance, 2 log 2 each), "L_d<k>" per discriminator k with inputs, and "idle": the clusters
+    (space-separated) with fewer than m reliable cells, so no discriminator update.
+    per: (k',) L_d^(k) of the clusters `active`, or None when none had inputs."""
+    active = [] if per is None else active.tolist()
+    idle = {"idle": " ".join(str(k) for k in range(n_clusters) if k not in active)}
+    if per is None:
+        return idle
+    return {"L_d": per.sum().item(), "L_d_chance": 2 * np.log(2) * len(per),
+            **{f"L_d{k}": v for k, v in zip(active, per.tolist())}, **idle}
 
 
 # ---------------------------------------------------------------- training helpers
@@ -645,9 +671,32 @@ def run_warnings(history):
     return lines
 
 
+@dataclass
+class Phase2:
+    """Phase 2 as it stands, handed to fit's `watch` hook after each of its events, so that tests
+    and a class can look inside a run (fit never reads it back). The events: "start" (phi^c,
+    phi^o and the thresholds set), "targets" (q and Omega recomputed, Eqs. 6 and 9), "c", "o",
+    "g" (one optimiser step on L_SS + gamma L_c, L_o or L_g done: each parameter's .grad holds
+    that loss's gradient) and "d" (the discriminators' update of Eq. 12 done)."""
+    model: Model
+    adversary: Adversary | None
+    pretrained: np.ndarray  # Z at the end of phase 1
+    start: np.ndarray       # the partition whose mean codes became phi^c
+    phi: dict               # "c": phi^c (K, d), "o": phi^o (n_o, d), trainable
+    beta: dict              # "c": beta_c, "o": beta_o, the thresholds of Eqs. (6) and (9)
+    epoch: int = 0
+    q: dict = field(default_factory=dict)         # "c", "o": the targets of every cell
+    reliable: dict = field(default_factory=dict)  # "c", "o": Omega_c, Omega_o, (n,) bool
+    members: list = field(default_factory=list)   # C_k intersected with Omega_c, for each k
+    batch: Batch | None = None       # the cells and pairs of the epoch's step
+    out: Pass | None = None          # the epoch's forward pass
+    loss: torch.Tensor | None = None  # the step's own term (L_c, L_o, L_g or L_d), before it
+    samples: Samples | None = None    # the discriminators' inputs of a "g" or "d" step
+
+
 # ---------------------------------------------------------------- Sec. 3.2: the two phases
 
-def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
+def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, watch=None):
     """Train scTCM on a preprocessed dataset: phase 1 (Eq. 4), centres, phase 2 (Sec. 3.2).
 
     prepared: datasets.Prepared (x = encoder input, counts + size_factors = ZINB target,
@@ -661,6 +710,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
     An epoch is one optimiser step on one Batch (Sampler: every cell and pair, or above
     batch_size cells unbiased estimates from a batch and sampled pairs; the steps do not grow
     with n). Codes, targets, reliable sets and ID/LID are always of every cell.
+    watch: optional watch(event, Phase2), called after each event of phase 2 (see Phase2); it
+    must not change what it is shown.
     Result.history: a row per log line (phase 2's epoch 0: the start). Result.metrics: the
     scores (labels known), the start's, phase2_epochs, warnings (run_warnings' lines, logged)."""
     config = config or Config()
@@ -717,11 +768,16 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
            "beta_o": beta_o, **start_scores}
     row["ID"], row["LID"] = _geometry(z, start)
     record(row, z)
+    state = Phase2(model, adversary, pretrained, start, {"c": phi_c, "o": phi_o},
+                   {"c": beta_c, "o": beta_o})
+    seen = watch or (lambda event, state: None)
+    seen("start", state)
 
     # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
     steps = ["c"] + ["o"] * config.overclustering + ["g"] * config.adversarial
     losses, l_d = {}, {}
     for epoch in range(1, config.max_epochs + 1):
+        state.epoch = epoch
         if (epoch - 1) % config.update_every == 0:
             # q is a target: recomputed here, held fixed in between, Eqs. (6) and (9)
             with torch.no_grad():
@@ -730,25 +786,38 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None):
                 q_c, reliable_c = target_distribution(p_c, beta_c)
                 q_o, reliable_o = target_distribution(soft_assign(z, phi_o), beta_o)
                 members = _members(p_c, reliable_c, n_clusters)
+            state.q, state.reliable = {"c": q_c, "o": q_o}, {"c": reliable_c, "o": reliable_o}
+            state.members = members
+            seen("targets", state)
         batch = sampler()
         out = self_supervision(model, data, batch, config.block)
+        state.batch, state.out, state.samples = batch, out, None
         l_ss = config.w_x * out.l_x + config.w_a * out.l_a
         losses.update(L_X=out.l_x.item(), L_A=out.l_a.item())
         step = steps[(epoch - 1) % len(steps)]
         if step == "c":  # Eq. (7)
             l_c = kl_divergence(batch.rows(q_c), soft_assign(batch.rows(out.z), phi_c))
             optimise(opt_c, l_ss + config.gamma_c * l_c)
-            losses["L_c"] = l_c.item()
+            losses["L_c"], state.loss = l_c.item(), l_c
         elif step == "o":  # Eq. (10)
             l_o = kl_divergence(batch.rows(q_o), soft_assign(batch.rows(out.z), phi_o))
             optimise(opt_o, l_ss + config.gamma_o * l_o)
-            losses["L_o"] = l_o.item()
+            losses["L_o"], state.loss = l_o.item(), l_o
         else:  # Eq. (13), for the encoder and feature head only
-            l_g = adversary.generator_loss(out, members)
+            state.samples = adversary.inputs(out, members)
+            l_g = (adversary.generator_loss(state.samples) if state.samples
+                   else out.z.new_zeros(()))
             optimise(opt_g, l_ss + config.gamma_g * l_g)
-            losses["L_g"] = l_g.item()
+            losses["L_g"], state.loss = l_g.item(), l_g
+        seen(step, state)
         if config.adversarial:
-            l_d = adversary.step(out, members)
+            with torch.no_grad():
+                state.samples = adversary.inputs(out, members)
+            per = adversary.step(state.samples) if state.samples else None
+            l_d = discriminator_fields(per, state.samples and state.samples.active, n_clusters)
+            if per is not None:
+                state.loss = per.sum()
+                seen("d", state)
 
         if epoch % config.eval_every == 0 or epoch == config.max_epochs:
             z = codes(model, data)

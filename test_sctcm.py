@@ -4,6 +4,7 @@ Run: python -m pytest -q. Each test compares against something independent of th
 test: files written here by h5py / scipy.io / csv, numbers worked out by hand, brute-force loops.
 Tests on the real data in ../shared/data skip cleanly when that folder is absent.
 """
+import copy
 import csv
 import dataclasses
 import gzip
@@ -1583,9 +1584,14 @@ def test_convex_combinations_lie_on_the_simplex_of_their_cluster():
     # codes of cluster 0 are the unit vectors e_0..e_2, so a combination's coordinates ARE theta
     z = torch.cat([torch.eye(6), torch.ones(1, 6)])
     members = [np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([6])]
-    z_cvx, active = sctcm.convex_combinations(z, members, m=3, n_cvx=3000,
-                                              rng=np.random.default_rng(5))
+    active, picks, theta = sctcm.draw_combinations(members, m=3, n_cvx=3000,
+                                                   rng=np.random.default_rng(5))
     assert active.tolist() == [0, 1]  # cluster 2 has fewer than m members
+    assert all(len(set(row)) == 3 for row in picks.reshape(-1, 3))  # m distinct cells
+    z_cvx = sctcm.convex_combinations(z, picks, theta)
+    loop = [[sum(w * z[i] for w, i in zip(theta[k, j], picks[k, j])) for j in range(3000)]
+            for k in range(2)]
+    assert torch.allclose(z_cvx, torch.stack([torch.stack(rows) for rows in loop]))
     assert z_cvx.shape == (2, 3000, 6)
     assert torch.all(z_cvx[0, :, 3:] == 0) and torch.all(z_cvx[1, :, :3] == 0)
     assert torch.all(z_cvx >= 0)
@@ -1594,7 +1600,7 @@ def test_convex_combinations_lie_on_the_simplex_of_their_cluster():
     theta = torch.cat([z_cvx[0, :, :3], z_cvx[1, :, 3:]]).double()  # 6000 draws
     assert torch.allclose(theta.mean(0), torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.015)
     assert torch.allclose(theta.var(0), torch.full((3,), 1 / 18, dtype=torch.float64), atol=0.005)
-    assert sctcm.convex_combinations(z, [np.array([0])], 3, 5, np.random.default_rng(0)) is None
+    assert sctcm.draw_combinations([np.array([0])], 3, 5, np.random.default_rng(0)) is None
 
 
 def test_adversarial_losses_match_log_sigmoid_formulas():
@@ -1784,9 +1790,9 @@ def test_discriminators_see_reconstructions_of_reliable_cells_of_their_own_clust
         changed[scaled] *= 3
         adversary.rng = np.random.default_rng(0)
         with torch.no_grad():
-            real, _, active = adversary.inputs(dataclasses.replace(out, rate=changed), members)
-        assert active.tolist() == [0, 2]
-        return real
+            samples = adversary.inputs(dataclasses.replace(out, rate=changed), members)
+        assert samples.active.tolist() == [0, 2]
+        return samples.real
 
     before = real_samples([])
     unreliable = np.setdiff1d(np.arange(len(rate)), np.concatenate(members))
@@ -1802,10 +1808,14 @@ def test_discriminator_step_changes_only_discriminator_parameters():
     disc = adversary.disc
     before_model, before_disc = _snapshot(model), _snapshot(disc)
     adversary.optimizer = torch.optim.Adam(disc.parameters(), lr=1e-2)
-    losses = adversary.step(out, members)
+    with torch.no_grad():
+        samples = adversary.inputs(out, members)
+    per = adversary.step(samples)
+    losses = sctcm.discriminator_fields(per, samples.active, 3)
     assert set(losses) == {"L_d", "L_d_chance", "L_d0", "L_d1", "L_d2", "idle"}
-    assert losses["idle"] == "" and adversary.step(out, [members[0], members[1][:2],
-                                                         members[2][:1]])["idle"] == "1 2"
+    assert losses["idle"] == "" and losses["L_d"] == pytest.approx(per.sum().item())
+    assert sctcm.discriminator_fields(per[:1], torch.tensor([0]), 3)["idle"] == "1 2"
+    assert sctcm.discriminator_fields(None, None, 3) == {"idle": "0 1 2"}
     assert losses["L_d_chance"] == pytest.approx(3 * 2 * np.log(2))
     assert not any(_changed(model, before_model))
     assert all(_changed(disc, before_disc))
@@ -1821,7 +1831,7 @@ def test_generator_step_moves_the_generator_by_l_g_and_never_the_discriminators(
         encoder, features = _snapshot(model.encoder), _snapshot(model.features)
         before_disc = _snapshot(disc)
         opt_g = torch.optim.Adam(model.parameters(), lr=1e-2)
-        l_g = adversary.generator_loss(out, members)
+        l_g = adversary.generator_loss(adversary.inputs(out, members))
         sctcm.optimise(opt_g, 0 * (out.l_x + out.l_a) + gamma_g * l_g)
         assert not any(_changed(disc, before_disc))
         if gamma_g:
@@ -2064,38 +2074,224 @@ def test_history_logs_the_true_centre_ari_of_the_codes_in_both_phases():
     assert last["centroid_ari"] == clustering.centroid_ari(prepared.labels, result.embedding)
 
 
+# ---- phase 2 as fit wires it, seen through fit's watch hook (sctcm.Phase2)
+
+def _student_t(z, centres):
+    """Eq. (5) written out: (1 + ||z_i - phi_j||^2)^-1, each row normalised."""
+    kernel = 1 / (1 + ((z[:, None, :] - centres[None, :, :]) ** 2).sum(2))
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def _margins(p):
+    top = np.sort(np.asarray(p), axis=1)
+    return top[:, -1] - top[:, -2]
+
+
+def _watched_fit(prepared, adjacency, check, **changes):
+    """fit with a watch hook that calls check(event, state, before) at each event of phase 2,
+    `before` holding copies of the model, phi^c, phi^o and the discriminators as they were just
+    before the event (after the previous one)."""
+    before = {}
+
+    def watch(event, state):
+        if before:
+            check(event, state, before)
+        before.update(model=copy.deepcopy(state.model), disc=copy.deepcopy(state.adversary.disc),
+                      phi={key: phi.detach().clone() for key, phi in state.phi.items()})
+
+    config = _tiny_config(**changes)
+    return sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None, watch=watch), config
+
+
+def _by_hand_logits(disc, x, k):
+    """Discriminator k of Eq. (12) written out: one ReLU hidden layer, one logit per row of x."""
+    return (torch.relu(x @ disc.w1[k] + disc.b1[k]) @ disc.w2[k] + disc.b2[k]).squeeze(-1)
+
+
+def _step_loss(event, state, before, data, config):
+    """The loss the step `event` minimises, built from the paper's formulas on copies of the
+    parameters as they were before the step, on the step's own cells, pairs, targets and
+    samples -> (loss, the parameters it should move, in the optimiser's order)."""
+    model = before["model"]
+    out = sctcm.self_supervision(model, data, state.batch, config.block)
+    loss, params = config.w_x * out.l_x + config.w_a * out.l_a, list(model.parameters())
+    cells = state.batch.cells
+    if event in ("c", "o"):  # Eqs. (7), (10): KL(q || p), the targets of the same cells
+        phi = before["phi"][event].clone().requires_grad_()
+        z = out.z if cells is None else out.z[cells]
+        q = state.q[event] if cells is None else state.q[event][cells]
+        p, kept = _student_t(z, phi), q > 0
+        kl = (q[kept] * (torch.log(q[kept]) - torch.log(p[kept]))).sum() / len(q)
+        gamma = config.gamma_c if event == "c" else config.gamma_o
+        return loss + gamma * kl, params + [phi]
+    samples, disc = state.samples, before["disc"]  # Eq. (13): decoded convex combinations
+    theta = torch.as_tensor(samples.theta, dtype=out.z.dtype)
+    z_cvx = (theta[..., None] * out.z[torch.as_tensor(samples.cvx_picks)]).sum(2)
+    fake = torch.log1p(model.features(z_cvx)[1])
+    real = torch.log1p(model.features(out.z[torch.as_tensor(samples.real_picks)])[1]).detach()
+    fake = (fake - real.mean(1, keepdim=True)) / (real.std(1, keepdim=True) + 1e-2)
+    l_g = sum(torch.log(1 - torch.sigmoid(_by_hand_logits(disc, fake[row], k))).mean()
+              for row, k in enumerate(samples.active.tolist()))
+    return loss + config.gamma_g * l_g, params
+
+
+def _assert_gradients(loss, params, live):
+    """The live parameters' .grad after the step are the gradient of loss (the copies')."""
+    for expected, p in zip(torch.autograd.grad(loss, params), live):
+        scale = expected.abs().max().item()
+        assert torch.allclose(p.grad, expected, rtol=1e-3, atol=1e-4 * scale + 1e-9)
+
+
+def _unchanged(module_or_tensors, copies):
+    pairs = zip(module_or_tensors, copies)
+    return all(torch.equal(a.detach(), b.detach()) for a, b in pairs)
+
+
+def _check_step(prepared, adjacency, seen):
+    """A check for _watched_fit: each optimiser step of phase 2 holds the gradient of its own loss
+    (L_SS + gamma_c L_c, + gamma_o L_o, + gamma_g L_g with Eq. 13 on the decoded convex
+    combinations, or L_d for the discriminators) and moves only its own parameters."""
+    data = sctcm.tensors(prepared, adjacency, "cpu")
+
+    def check(event, state, before):
+        seen.append(event)
+        config = state.adversary.config
+        model, disc = state.model, state.adversary.disc
+        if event in ("c", "o", "g"):
+            loss, params = _step_loss(event, state, before, data, config)
+            live = list(model.parameters()) + ([state.phi[event]] if event != "g" else [])
+            _assert_gradients(loss, params, live)
+            assert _unchanged(disc.parameters(), before["disc"].parameters())
+            for key in {"c", "o"} - {event}:
+                assert torch.equal(state.phi[key].detach(), before["phi"][key])
+        if event == "d":  # Eq. (12): reconstructions real, decoded convex combinations fake
+            samples, copy_ = state.samples, before["disc"]
+            loss = sum(F.softplus(-_by_hand_logits(copy_, samples.real[row], k)).mean()
+                       + F.softplus(_by_hand_logits(copy_, samples.fake[row], k)).mean()
+                       for row, k in enumerate(samples.active.tolist()))
+            _assert_gradients(loss, list(copy_.parameters()), list(disc.parameters()))
+            assert _unchanged(model.parameters(), before["model"].parameters())
+            assert all(torch.equal(state.phi[key].detach(), before["phi"][key]) for key in "co")
+    return check
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["spectral", "kmeans", "merge", "consensus", "consistent"])
-def test_initial_centres_come_from_the_chosen_partition(monkeypatch, init):
-    """phi^c starts at the mean code of each cluster of the chosen partition of the cells."""
+@pytest.mark.parametrize("losses", ["exact", "sampled"])
+def test_each_phase2_step_minimises_its_own_loss_on_its_own_cells(losses):
+    """Through fit's watch hook, with dropout 0 so that a step can be recomputed: the gradient of
+    each step is that of L_SS + gamma_c L_c (resp. gamma_o L_o) with the targets q of the same
+    cells the step's soft assignments p are of (on the sampled path, 100 of 300 cells a step),
+    or of L_SS + gamma_g L_g with L_g of Eq. (13) scored on the decoded convex combinations
+    (so the generator step lowers L_g: it fools the discriminators), for the encoder and
+    feature head only; the discriminators' update is the gradient of L_d and moves nothing else."""
     prepared, adjacency = _tiny_problem()
-    config = _tiny_config(init=init)
-    original, calls = sctcm.soft_assign, []
+    seen = []
+    _watched_fit(prepared, adjacency, _check_step(prepared, adjacency, seen), dropout=0.0,
+                 losses=losses, batch_size=100, max_epochs=6, min_epochs=6, eval_every=6)
+    assert seen == ["targets", "c", "d", "o", "d", "g", "d"] * 2
 
-    def spy(z, centers):
-        calls.append((z.detach().clone().numpy(), centers.detach().clone().numpy()))
-        return original(z, centers)
 
-    monkeypatch.setattr(sctcm, "soft_assign", spy)
-    sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None)
-    z, centers = calls[0]  # the first call is with the initial phi^c
-    if init == "spectral":
-        expected = clustering.spectral_clustering(adjacency, 3, seed=0)
-    elif init == "kmeans":
-        expected = clustering.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0]
-    elif init == "merge":
-        over = clustering.kmeans(z, config.n_over, seed=0)[0]
-        expected = clustering.merge_overclusters(adjacency, over, 3, config.resolution)
-    else:
-        merged = [clustering.merge_overclusters(adjacency, over, 3, config.resolution)
-                  for _, over, _ in clustering.kmeans_restarts(z, config.n_over, seed=0)]
-    if init == "consensus":  # what all the restarts' merges agree on, merged again
-        expected = clustering.merge_overclusters(adjacency, clustering.agreement_groups(merged),
-                                                 3, config.resolution)
-    if init == "consistent":  # the merge whose mean codes give back most of its cells
-        expected = merged[int(np.argmax([_kept_by_loop(z, m) for m in merged]))]
-    means = np.stack([z[expected == k].mean(0) for k in range(3)])
-    assert np.allclose(centers, means, atol=1e-5)
+def _reliable_by_hand(z, centres, beta):
+    """Eqs. (5)-(6) by hand: the cells whose top-1 minus top-2 soft assignment reaches beta,
+    and each cell's argmax."""
+    p = _student_t(torch.as_tensor(z, dtype=torch.float64), torch.as_tensor(centres).double())
+    return _margins(p) >= beta, p.argmax(1).numpy(), p
+
+
+@pytest.mark.slow
+def test_targets_reliable_sets_and_convex_combinations_follow_eqs_6_9_and_11():
+    """At each target update, Omega_c and Omega_o are the cells whose margins reach beta_c and
+    beta_o respectively (each threshold set by "auto" so that reliable_frac of the cells are
+    reliable when phase 2 starts), q is one-hot on Omega and p elsewhere; every convex
+    combination and every real sample of discriminator k is drawn from the reliable cells that
+    cluster k holds (C_k intersected with Omega_c)."""
+    prepared, adjacency = _tiny_problem()
+    reliable, updates = {}, []
+
+    def check(event, state, before):
+        if event == "start":
+            return
+        if event == "targets":
+            z = sctcm.codes(state.model, sctcm.tensors(prepared, adjacency, "cpu")).numpy()
+            for key in ("c", "o"):
+                phi = state.phi[key].detach().numpy()
+                omega, argmax, p = _reliable_by_hand(z, phi, state.beta[key])
+                if not updates:  # the start: "auto" makes reliable_frac of the cells reliable
+                    assert state.beta[key] == pytest.approx(
+                        np.quantile(_margins(p), 1 - 0.15), abs=1e-6)
+                    assert abs(omega.mean() - 0.15) <= 2 / len(z)
+                np.testing.assert_array_equal(state.reliable[key].numpy(), omega)
+                onehot = np.eye(p.shape[1])[argmax]
+                expected = np.where(omega[:, None], onehot, p.numpy())
+                assert np.allclose(state.q[key].numpy(), expected, atol=1e-5)
+                reliable[key] = (omega, argmax)
+            updates.append(state.epoch)
+        if event in ("g", "d"):
+            omega, argmax = reliable["c"]
+            samples = state.samples
+            for row, k in enumerate(samples.active.tolist()):
+                for cells in (samples.cvx_picks[row].ravel(), samples.real_picks[row]):
+                    assert omega[cells].all() and (argmax[cells] == k).all()
+
+    _watched_fit(prepared, adjacency, check, max_epochs=9, min_epochs=9, eval_every=9,
+                 update_every=3)
+    assert updates == [1, 4, 7]
+    assert sum(reliable["c"][0]) >= 3  # the check above did look at reliable cells
+
+
+def _merge(adjacency, over, config):
+    return clustering.merge_overclusters(adjacency, over, 3, config.resolution)
+
+
+def _consensus_by_pairs(adjacency, merged, config):
+    """--init consensus by brute force: two cells share a group when every merge puts them
+    together; the groups are then merged again."""
+    together = np.all([m[:, None] == m[None, :] for m in merged], axis=0)
+    _, groups = np.unique(together, axis=0, return_inverse=True)
+    return _merge(adjacency, groups.ravel(), config)
+
+
+def _inertia_by_loop(z, labels, centres):
+    return sum(float(np.sum((point - centres[c]) ** 2)) for point, c in zip(z, labels))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["consistent", "merge", "consensus", "spectral", "kmeans"])
+def test_each_start_rule_is_its_brute_force_choice_over_the_same_restarts(init):
+    """On a problem whose ten k-means restarts of the n_o overclusters merge into different
+    partitions with different kept shares, each start rule picks what a brute-force choice over
+    the same restarts picks: the merge whose mean codes keep most of it (consistent), the merge
+    of the lowest-inertia restart (merge), the merge of the groups that every merge agrees on
+    (consensus); spectral and kmeans as their functions give them. phi^c starts at the mean
+    code of each cluster of that partition."""
+    prepared, adjacency = _tiny_problem(seed=1)
+    starts = []
+
+    def watch(event, state):  # phase 2's first step will move phi^c: copy it now
+        if event == "start":
+            starts.append((state.pretrained, state.start, state.phi["c"].detach().clone()))
+
+    config = _tiny_config(init=init, max_epochs=1, min_epochs=1)
+    sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None, watch=watch)
+    (z, start, phi_c), = starts
+    restarts = clustering.kmeans_restarts(z, config.n_over, seed=0)
+    merged = [_merge(adjacency, over, config) for _, over, _ in restarts]
+    shares = [_kept_by_loop(z, m) for m in merged]
+    assert len({tuple(m) for m in merged}) > 1 and shares.count(max(shares)) == 1
+    expected = {
+        "consistent": lambda: merged[int(np.argmax(shares))],
+        "merge": lambda: merged[int(np.argmin([_inertia_by_loop(z, over, centres)
+                                               for _, over, centres in restarts]))],
+        "consensus": lambda: _consensus_by_pairs(adjacency, merged, config),
+        "spectral": lambda: clustering.spectral_clustering(adjacency, 3, seed=0),
+        "kmeans": lambda: clustering.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0],
+    }[init]()
+    pairs = set(zip(start, expected))  # the same partition: a one-to-one map of names
+    assert len(pairs) == len(set(start)) == len(set(expected)) == 3
+    if init != "consensus":  # the same names too (the brute-force groups are numbered apart)
+        np.testing.assert_array_equal(start, expected)
+    means = np.stack([z[start == k].mean(0) for k in range(3)])
+    assert np.allclose(phi_c.numpy(), means, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -2159,7 +2355,8 @@ def test_gradients_through_repeated_rows_are_bitwise_reproducible():
     def gradients():
         z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
         sctcm.structure_loss(z1, edges).backward()
-        z_cvx, _ = sctcm.convex_combinations(z2, members, 3, 3000, np.random.default_rng(0))
+        _, picks, theta = sctcm.draw_combinations(members, 3, 3000, np.random.default_rng(0))
+        z_cvx = sctcm.convex_combinations(z2, picks, theta)
         z_cvx.square().sum().backward()
         return torch.cat([z1.grad, z2.grad])
 
