@@ -23,7 +23,7 @@ References
 import argparse
 import dataclasses
 import importlib.util
-import inspect
+import math
 import os
 import re
 import subprocess
@@ -49,90 +49,142 @@ from clustering import (agreement_groups, ari, centroid_ari, check_partition, ke
 from zinb import zinb_nll
 
 
+# ---------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Interval:
+    """The numbers from low to high; `ends` says which ends belong ("[)": low does, high not)."""
+    low: float
+    high: float = math.inf
+    ends: str = "[)"
+
+    def __contains__(self, value):
+        if isinstance(value, str) or not np.isfinite(value):
+            return False
+        above = value >= self.low if self.ends[0] == "[" else value > self.low
+        return above and (value < self.high if self.ends[1] == ")" else value <= self.high)
+
+    def __str__(self):
+        low, high = (f"{int(v)}" if float(v).is_integer() else f"{v}"
+                     for v in (self.low, self.high))
+        if self.high == math.inf:
+            return f"{'>=' if self.ends[0] == '[' else '>'} {low}"
+        return f"in {self.ends[0]}{low}, {high}{self.ends[1]}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few words; N in a word stands for any whole number ("cuda:N")."""
+    words: tuple
+
+    def __contains__(self, value):
+        return any(re.fullmatch(word.replace("N", r"\d+"), str(value)) for word in self.words)
+
+    def __str__(self):
+        return "one of " + ", ".join(f'"{word}"' for word in self.words)
+
+
+@dataclass(frozen=True)
+class Each:
+    """A tuple of numbers, each in `numbers`."""
+    numbers: Interval
+
+    def __contains__(self, values):
+        return all(value in self.numbers for value in values)
+
+    def __str__(self):
+        return f"each {self.numbers}"
+
+
+@dataclass(frozen=True)
+class OrAuto:
+    """The word "auto" or a number in `numbers`."""
+    numbers: Interval
+
+    def __contains__(self, value):
+        return value == "auto" or value in self.numbers
+
+    def __str__(self):
+        return f'{self.numbers} or "auto"'
+
+
+def setting(default, help, accepts=None, group="model"):
+    """A Config field: its default, the help of its flag, the values check_config accepts (None:
+    a switch) and its group in -h ("data", "model" or "run")."""
+    return field(default=default, metadata={"help": help, "accepts": accepts, "group": group})
+
+
+POSITIVE, COUNT, WEIGHT, SHARE = Interval(0, ends="()"), Interval(1), Interval(0), Interval(0, 1)
+
+
 @dataclass
 class Config:
-    """Every hyperparameter of a run; one set of defaults for all datasets. Each comment is the
-    help of the field's flag and ends with the field's range, which check_config enforces."""
-    n_top_genes: int = 1500        # highly variable genes kept by preprocessing (>= 1)
-    n_neighbors: int = 15          # k of the kNN cell graph A (>= 1)
-    n_pcs: int = 50                # principal components the kNN graph is built on (>= 1)
-    hidden: int = 128              # width of the hidden GCN layer, Eq. (1) (>= 1)
-    latent: int = 15               # d, dimension of the latent codes Z (>= 1)
-    decoder: tuple = (128, 256)    # widths of the feature head f_D^(2), Eq. (3) (each >= 1)
-    disc_hidden: int = 64          # width of each discriminator's hidden layer, Eq. (12) (>= 1)
-    dropout: float = 0.2           # dropout on the encoder input (in [0, 1))
-    w_x: float = 1.0               # weight of L_X in L_SS, Eq. (4) (>= 0)
-    w_a: float = 0.3               # weight of L_A in L_SS, Eq. (4) (>= 0)
-    pretrain_epochs: int = 100     # T1, epochs of phase 1 (>= 1)
-    lr_pretrain: float = 1e-3      # Adam learning rate of phase 1 (> 0)
-    lr_cluster: float = 5e-4       # Adam learning rate of the (over)clustering steps (> 0)
-    lr_adv: float = 1e-4           # Adam learning rate of the generator and discriminators (> 0)
-    gamma_c: float = 1.5           # weight of L_c in step 1 of phase 2, Sec. 3.2 (>= 0)
-    gamma_o: float = 0.5           # weight of L_o in step 2 of phase 2, Sec. 3.2 (>= 0)
-    gamma_g: float = 1.0           # weight of L_g in step 3 of phase 2, Sec. 3.2 (>= 0)
-    n_over: int = 30               # n_o, number of overclusters, Eqs. (8)-(10) (>= 2)
-    init: str = "consistent"       # phi^c: "consistent", "merge", "consensus", "spectral", "kmeans"
-    resolution: float = 0.5        # modularity resolution of the merges on A (> 0)
-    beta_c: str = "auto"           # Eq. (6) margin threshold (in [0, 1) or "auto")
-    beta_o: str = "auto"           # Eq. (9) margin threshold (in [0, 1) or "auto")
-    reliable_frac: float = 0.15    # "auto": share of cells reliable when phase 2 starts (in (0, 1])
-    update_every: int = 10         # epochs between recomputations of the targets q (>= 1)
-    m_cvx: int = 3                 # m, cells per convex combination, Eq. (11) (>= 2)
-    n_cvx: int = 64                # convex combinations per cluster and step, Eq. (11) (>= 1)
-    min_epochs: int = 30           # phase 2 runs at least this long before the ID = LID stop (>= 0)
-    max_epochs: int = 100          # phase 2 stops here if ID never reaches LID (>= 1)
-    eval_every: int = 10           # epochs between ID/LID evaluations and log lines (>= 1)
-    block: int = 1024              # rows of the n x n logits of Eq. (2) alive at a time (>= 1)
-    losses: str = "auto"           # "exact", "sampled" or "auto" (sampled above batch_size cells)
-    batch_size: int = 2048         # cells per epoch in Eqs. (3), (7), (10), sampled losses (>= 1)
-    adversarial: bool = True       # Eqs. (11)-(13); False is the "no adversarial" ablation
-    overclustering: bool = True    # Eqs. (8)-(10); False is the "no overclustering" ablation
-    seed: int = 0                  # seeds numpy and torch once, at the start of fit (in [0, 2^32))
-    device: str = "cpu"            # torch device: "cpu", "cuda" or "cuda:N"
+    """Every hyperparameter of a run; one set of defaults for all datasets. Each field states its
+    default, the help of its flag and the values it accepts, which check_config enforces."""
+    n_top_genes: int = setting(1500, "highly variable genes kept by preprocessing", COUNT, "data")
+    n_neighbors: int = setting(15, "k of the kNN cell graph A", COUNT, "data")
+    n_pcs: int = setting(50, "principal components the kNN graph is built on", COUNT, "data")
+    hidden: int = setting(128, "width of the hidden GCN layer, Eq. (1)", COUNT)
+    latent: int = setting(15, "d, dimension of the latent codes Z", COUNT)
+    decoder: tuple = setting((128, 256), "widths of the feature head f_D^(2), Eq. (3)",
+                             Each(COUNT))
+    disc_hidden: int = setting(64, "width of each discriminator's hidden layer, Eq. (12)", COUNT)
+    dropout: float = setting(0.2, "dropout on the encoder input", SHARE)
+    w_x: float = setting(1.0, "weight of L_X in L_SS, Eq. (4)", WEIGHT)
+    w_a: float = setting(0.3, "weight of L_A in L_SS, Eq. (4)", WEIGHT)
+    pretrain_epochs: int = setting(100, "T1, epochs of phase 1", COUNT)
+    lr_pretrain: float = setting(1e-3, "Adam learning rate of phase 1", POSITIVE)
+    lr_cluster: float = setting(5e-4, "Adam learning rate of the (over)clustering steps",
+                                POSITIVE)
+    lr_adv: float = setting(1e-4, "Adam learning rate of the generator and discriminators",
+                            POSITIVE)
+    gamma_c: float = setting(1.5, "weight of L_c in step 1 of phase 2, Sec. 3.2", WEIGHT)
+    gamma_o: float = setting(0.5, "weight of L_o in step 2 of phase 2, Sec. 3.2", WEIGHT)
+    gamma_g: float = setting(1.0, "weight of L_g in step 3 of phase 2, Sec. 3.2", WEIGHT)
+    n_over: int = setting(30, "n_o, number of overclusters, Eqs. (8)-(10)", Interval(2))
+    init: str = setting("consistent", "phi^c, the start of phase 2 (README: Where we differ)",
+                        OneOf(("consistent", "merge", "consensus", "spectral", "kmeans")))
+    resolution: float = setting(0.5, "modularity resolution of the merges on A", POSITIVE)
+    beta_c: str = setting("auto", "Eq. (6) margin threshold", OrAuto(SHARE))
+    beta_o: str = setting("auto", "Eq. (9) margin threshold", OrAuto(SHARE))
+    reliable_frac: float = setting(0.15, '"auto": share of cells reliable when phase 2 starts',
+                                   Interval(0, 1, "(]"))
+    update_every: int = setting(10, "epochs between recomputations of the targets q", COUNT)
+    m_cvx: int = setting(3, "m, cells per convex combination, Eq. (11)", Interval(2))
+    n_cvx: int = setting(64, "convex combinations per cluster and step, Eq. (11)", COUNT)
+    min_epochs: int = setting(30, "phase 2 runs at least this long before the ID = LID stop",
+                              Interval(0))
+    max_epochs: int = setting(100, "phase 2 stops here if ID never reaches LID", COUNT)
+    eval_every: int = setting(10, "epochs between ID/LID evaluations and log lines", COUNT,
+                              "run")
+    block: int = setting(1024, "rows of the n x n logits of Eq. (2) alive at a time", COUNT,
+                         "run")
+    losses: str = setting("auto", "exact or sampled losses (auto: sampled above batch_size "
+                          "cells)", OneOf(("exact", "sampled", "auto")), "run")
+    batch_size: int = setting(2048, "cells per epoch in Eqs. (3), (7), (10), sampled losses",
+                              COUNT, "run")
+    adversarial: bool = setting(True, "Eqs. (11)-(13); off is the \"no adversarial\" ablation")
+    overclustering: bool = setting(True, "Eqs. (8)-(10); off is the \"no overclustering\" "
+                                   "ablation")
+    seed: int = setting(0, "seeds numpy and torch once, at the start of fit",
+                        Interval(0, 2 ** 32), "run")
+    device: str = setting("cpu", "torch device", OneOf(("cpu", "cuda", "cuda:N")), "run")
 
 
 def config_help():
-    """Config field -> its one-line comment: the help text of its flag, ending with its range."""
-    return dict(re.findall(r"^    (\w+): .*?# (.+)$", inspect.getsource(Config), re.M))
-
-
-def config_range(comment):
-    """The range a Config comment states: '(>= 1)', '(> 0)', '(in [0, 1))', '(each >= 1)' or
-    '(in [0, 1) or "auto")' at its end, else its quoted words, the choices."""
-    stated = re.search(r"\(((?:>|in |each ).+)\)$", comment)
-    if stated:
-        return stated[1]
-    return "one of " + ", ".join(re.findall(r'"[^"]+"', comment))
-
-
-def _within(value, words):
-    """Whether value lies in a range as config_range words it (N in a choice: any whole number)."""
-    if words.startswith("one of "):
-        return any(re.fullmatch(c.replace("N", r"\d+"), str(value))
-                   for c in re.findall(r'"([^"]+)"', words))
-    if words.startswith("each "):
-        return all(_within(v, words[5:]) for v in value)
-    if words.endswith(' or "auto"'):
-        return value == "auto" or _within(value, words[:-len(' or "auto"')])
-    if isinstance(value, str) or not np.isfinite(value):
-        return False
-    bound = re.fullmatch(r"(>=?) (\S+)", words)
-    if bound:
-        return value >= float(bound[2]) if bound[1] == ">=" else value > float(bound[2])
-    low, lo, hi, high = re.fullmatch(r"in ([\[(])(\S+), (\S+)([\])])", words).groups()
-    lo, hi = (float(base) ** float(power or 1)
-              for base, _, power in (lo.partition("^"), hi.partition("^")))
-    above = lo <= value if low == "[" else lo < value
-    return above and (value <= hi if high == "]" else value < hi)
+    """Config field -> the help of its flag, ending with the values it accepts."""
+    return {f.name: f.metadata["help"] + (f" ({f.metadata['accepts']})"
+                                          if f.metadata["accepts"] is not None else "")
+            for f in dataclasses.fields(Config)}
 
 
 def check_config(config):
-    """Raise a one-line ValueError for a setting outside the range its Config comment states
-    (a beta_c of 1.5 would leave phase 2 idle) or a CUDA device this machine does not have."""
-    for name, comment in config_help().items():
-        value, words = getattr(config, name), config_range(comment)
-        if not isinstance(value, bool) and not _within(value, words):
-            raise ValueError(f"--{name.replace('_', '-')} must be {words}, got {value}")
+    """Raise a one-line ValueError for a setting outside the values its field accepts (a beta_c
+    of 1.5 would leave phase 2 idle) or a CUDA device this machine does not have."""
+    for f in dataclasses.fields(Config):
+        value, accepts = getattr(config, f.name), f.metadata["accepts"]
+        if accepts is not None and value not in accepts:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be {accepts}, got {value}")
     gpus = torch.cuda.device_count()
     if config.device != "cpu" and int(config.device[5:] or 0) >= gpus:
         where = f"this machine has {gpus} CUDA devices" if gpus else "CUDA is not available here"
@@ -480,7 +532,8 @@ class Adversary:
 
     def inputs(self, out, members):
         """The Samples of one step, or None when no cluster has m reliable cells.
-        out: the epoch's Pass; members: reliable cells per cluster (C_k intersected with Omega_c)."""
+        out: the epoch's Pass; members: the reliable cells of each cluster (C_k intersected
+        with Omega_c)."""
         config, features, device = self.config, self.model.features, out.z.device
         drawn = draw_combinations(members, config.m_cvx, config.n_cvx, self.rng)
         if drawn is None:
@@ -607,52 +660,148 @@ def _threshold(value, p, reliable_frac):
     return auto_threshold(p, reliable_frac) if value == "auto" else float(value)
 
 
-def _members(p, reliable, n_clusters):
-    """C_k intersected with Omega_c: reliable cells by their argmax cluster, one array each."""
-    pred, keep = p.argmax(1).cpu().numpy(), reliable.cpu().numpy()
-    return [np.flatnonzero(keep & (pred == k)) for k in range(n_clusters)]
-
-
-def _geometry(z, labels):
-    """Mean per-cluster ID and LID (geometry.cluster_geometry) of codes z under labels."""
-    return geometry.cluster_geometry(z.cpu().numpy(), labels)
-
-
-def _initial_partition(prepared, adjacency, n_clusters, config, restarts, z):
+def initial_partition(prepared, adjacency, n_clusters, config, restarts, z):
     """The partition whose mean codes become phi^c: the paper's spectral clustering of A
     (init="spectral"), or, not in the paper (README), each restart's K_o overclusters of Z
-    (restarts) merged on A and the merge its mean codes keep best (init="consistent", kept), or
-    the groups all merges agree on merged again (init="consensus"), or the lowest-inertia restart
-    merged (init="merge"); k-means on n_pcs principal components of x (init="kmeans")."""
+    (restarts: clustering.kmeans_restarts on z) merged on A and the merge its mean codes keep
+    best (init="consistent", kept), or the groups all merges agree on merged again
+    (init="consensus"), or the lowest-inertia restart merged (init="merge"); k-means on n_pcs
+    principal components of x (init="kmeans")."""
     if config.init == "spectral":
         return spectral_clustering(adjacency, n_clusters, seed=config.seed)
-    merge = lambda groups: merge_overclusters(adjacency, groups, n_clusters, config.resolution)
-    each_merged = lambda: [merge(over) for _, over, _ in restarts]
-    if config.init == "consistent":
-        return max(each_merged(), key=lambda p: kept(z, p))
-    if config.init == "consensus":
-        return merge(agreement_groups(each_merged()))
+    if config.init == "kmeans":
+        return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
     if config.init == "merge":
-        return merge(lowest_inertia(restarts)[1])
-    return kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters, seed=config.seed)[0]
+        return merge_overclusters(adjacency, lowest_inertia(restarts)[1], n_clusters,
+                                  config.resolution)
+    merged = [merge_overclusters(adjacency, over, n_clusters, config.resolution)
+              for _, over, _ in restarts]
+    if config.init == "consistent":
+        return max(merged, key=lambda partition: kept(z, partition))
+    return merge_overclusters(adjacency, agreement_groups(merged), n_clusters, config.resolution)
+
+
+@dataclass
+class Phase2:
+    """Phase 2's state: what fit updates at each of its events and shows its `watch` hook after
+    each, so that tests and a class can look inside a run. The events: "start" (phi^c, phi^o and
+    the thresholds set), "targets" (q and Omega recomputed, Eqs. 6 and 9), "c", "o", "g" (one
+    optimiser step on L_SS + gamma L_c, L_o or L_g done: each parameter's .grad holds that
+    loss's gradient) and "d" (the discriminators' update of Eq. 12 done)."""
+    model: Model
+    adversary: Adversary
+    pretrained: np.ndarray  # Z at the end of phase 1
+    start: np.ndarray       # the partition whose mean codes became phi^c
+    phi: dict               # "c": phi^c (K, d), "o": phi^o (n_o, d), trainable
+    beta: dict              # "c": beta_c, "o": beta_o, the thresholds of Eqs. (6) and (9)
+    epoch: int = 0
+    q: dict = field(default_factory=dict)         # "c", "o": the targets of every cell
+    reliable: dict = field(default_factory=dict)  # "c", "o": Omega_c, Omega_o, (n,) bool
+    members: list = field(default_factory=list)   # C_k intersected with Omega_c, for each k
+    batch: Batch | None = None       # the cells and pairs of the epoch's step
+    out: Pass | None = None          # the epoch's forward pass
+    loss: torch.Tensor | None = None  # the step's own term (L_c, L_o, L_g or L_d), before it
+    samples: Samples | None = None    # the discriminators' inputs of a "g" or "d" step
+
+
+@torch.no_grad()
+def update_targets(state, z):
+    """Eqs. (5)-(6) and (8)-(9) on the codes z of every cell: the targets q and reliable sets
+    Omega of the clusters and of the overclusters, and C_k intersected with Omega_c."""
+    for key in ("c", "o"):
+        p = soft_assign(z, state.phi[key])
+        state.q[key], state.reliable[key] = target_distribution(p, state.beta[key])
+        if key == "c":
+            keep, pred = state.reliable["c"].cpu().numpy(), p.argmax(1).cpu().numpy()
+            state.members = [np.flatnonzero(keep & (pred == k)) for k in range(p.shape[1])]
+
+
+def clustering_loss(state, key):
+    """L_c (Eq. 7, key "c") or L_o (Eq. 10, key "o") on the step's batch: KL(q || p) between the
+    targets and the soft assignments of the same cells."""
+    batch, z = state.batch, state.out.z
+    return kl_divergence(batch.rows(state.q[key]), soft_assign(batch.rows(z), state.phi[key]))
+
+
+def self_supervised_loss(out, config):
+    """L_SS of Eq. (4), weighted: w_x L_X + w_a L_A."""
+    return config.w_x * out.l_x + config.w_a * out.l_a
+
+
+def id_reaches_lid(row, epoch, config):
+    """Phase 2's stop (Sec. 3.2, Fig. 2): the clusters' mean intrinsic dimension has reached
+    their mean linear intrinsic dimension, once phase 2 has run min_epochs."""
+    return epoch >= config.min_epochs and row["ID"] >= row["LID"]
 
 
 LOG_KEYS = {  # history key -> its part of a log line, in the line's order
     "start": "start ({start}, its mean codes keep {kept:.1%} of it)",
-    "beta_c": "beta_c {beta_c:.4f}", "beta_o": "beta_o {beta_o:.4f}",
-    **{key: f"{key} {{{key}:.4f}}" for key in ("L_X", "L_A", "L_c", "L_o", "L_g")},
+    "beta_c": "beta_c {beta_c:.4f}",
+    "beta_o": "beta_o {beta_o:.4f}",
+    "L_X": "L_X {L_X:.4f}",
+    "L_A": "L_A {L_A:.4f}",
+    "L_c": "L_c {L_c:.4f}",
+    "L_o": "L_o {L_o:.4f}",
+    "L_g": "L_g {L_g:.4f}",
     "L_d": "L_d {L_d:.4f} (chance {L_d_chance:.4f})",
-    "idle": "no L_d for cluster {idle} (< m reliable)", "reliable_c": "reliable {reliable_c}/{n}",
-    "ID": "ID {ID:.2f}", "LID": "LID {LID:.2f}", "kmeans_ari": "ARI(kmeans Z) {kmeans_ari:.3f}",
-    "acc": "ACC {acc:.3f}", "nmi": "NMI {nmi:.3f}", "ari": "ARI {ari:.3f}",
-    "centroid_ari": "ARI(true centres Z) {centroid_ari:.3f}"}
+    "idle": "no L_d for cluster {idle} (< m reliable)",
+    "reliable_c": "reliable {reliable_c}/{n}",
+    "ID": "ID {ID:.2f}",
+    "LID": "LID {LID:.2f}",
+    "kmeans_ari": "ARI(kmeans Z) {kmeans_ari:.3f}",
+    "acc": "ACC {acc:.3f}",
+    "nmi": "NMI {nmi:.3f}",
+    "ari": "ARI {ari:.3f}",
+    "centroid_ari": "ARI(true centres Z) {centroid_ari:.3f}",
+}
 
 
-def _log(row, log):
-    """One aligned progress line from a history row."""
-    parts = [f"phase {row['phase']}", f"epoch {row['epoch']:4d}/{row['of']}"]
-    log(" | ".join(parts + [text.format(**row) for key, text in LOG_KEYS.items()
-                            if row.get(key, "") != ""]))
+class Report:
+    """A run's history rows and progress lines, with the diagnostics every row carries: the mean
+    per-cluster ID and LID of the codes under a partition (Fig. 2) and, with labels, the scores
+    of that partition and ARI(true centres Z) (clustering.centroid_ari). The last value of each
+    loss in phase 2 is kept between log lines (losses), with the discriminators' fields of the
+    last step (adversary)."""
+
+    def __init__(self, labels, n_clusters, config, log):
+        self.labels, self.k, self.config, self.log = labels, n_clusters, config, log
+        self.rows, self.losses, self.adversary = [], {}, {}
+
+    def phase1(self, epoch, out, z):
+        """A phase-1 row: the losses of the epoch's pass out, and k-means on the codes z as the
+        partition (ARI(kmeans Z)), since phase 1 has no clusters of its own."""
+        partition = kmeans(z.cpu().numpy(), self.k, seed=self.config.seed, n_init=3)[0]
+        scored = {} if self.labels is None else {"kmeans_ari": ari(self.labels, partition)}
+        head = {"phase": 1, "epoch": epoch, "of": self.config.pretrain_epochs,
+                "L_X": out.l_x.item(), "L_A": out.l_a.item()}
+        return self._add(head, z, partition, scored)
+
+    def start(self, origin, beta, z, start):
+        """Phase 2's epoch 0: the start partition, the share its mean codes keep, beta."""
+        head = {"phase": 2, "epoch": 0, "of": self.config.max_epochs, "start": origin,
+                "beta_c": beta["c"], "beta_o": beta["o"]}
+        scored = {**scores(self.labels, start), "kept": kept(z.cpu().numpy(), start)}
+        return self._add(head, z, start, scored)
+
+    def phase2(self, state, z, pred):
+        """A phase-2 row: the losses, the discriminators, the reliable sets, the argmax of
+        Eq. (5) as the partition."""
+        head = {"phase": 2, "epoch": state.epoch, "of": self.config.max_epochs, **self.losses,
+                **self.adversary, "reliable_c": int(state.reliable["c"].sum()),
+                "reliable_o": int(state.reliable["o"].sum())}
+        return self._add(head, z, pred, scores(self.labels, pred))
+
+    def _add(self, row, z, partition, scored):
+        z = z.cpu().numpy()
+        row["ID"], row["LID"] = geometry.cluster_geometry(z, partition)
+        row.update(scored, n=len(z))
+        if self.labels is not None:
+            row["centroid_ari"] = centroid_ari(self.labels, z)
+        self.rows.append(row)
+        parts = [f"phase {row['phase']}", f"epoch {row['epoch']:4d}/{row['of']}"]
+        self.log(" | ".join(parts + [text.format(**row) for key, text in LOG_KEYS.items()
+                                     if row.get(key, "") != ""]))
+        return row
 
 
 def run_warnings(history):
@@ -669,29 +818,6 @@ def run_warnings(history):
         lines.append("no cell was reliable (Eq. 6) at the last target update: q = p, L_c = 0 "
                      "and L_g has no inputs, so phase 2 did not sharpen the clusters")
     return lines
-
-
-@dataclass
-class Phase2:
-    """Phase 2 as it stands, handed to fit's `watch` hook after each of its events, so that tests
-    and a class can look inside a run (fit never reads it back). The events: "start" (phi^c,
-    phi^o and the thresholds set), "targets" (q and Omega recomputed, Eqs. 6 and 9), "c", "o",
-    "g" (one optimiser step on L_SS + gamma L_c, L_o or L_g done: each parameter's .grad holds
-    that loss's gradient) and "d" (the discriminators' update of Eq. 12 done)."""
-    model: Model
-    adversary: Adversary | None
-    pretrained: np.ndarray  # Z at the end of phase 1
-    start: np.ndarray       # the partition whose mean codes became phi^c
-    phi: dict               # "c": phi^c (K, d), "o": phi^o (n_o, d), trainable
-    beta: dict              # "c": beta_c, "o": beta_o, the thresholds of Eqs. (6) and (9)
-    epoch: int = 0
-    q: dict = field(default_factory=dict)         # "c", "o": the targets of every cell
-    reliable: dict = field(default_factory=dict)  # "c", "o": Omega_c, Omega_o, (n,) bool
-    members: list = field(default_factory=list)   # C_k intersected with Omega_c, for each k
-    batch: Batch | None = None       # the cells and pairs of the epoch's step
-    out: Pass | None = None          # the epoch's forward pass
-    loss: torch.Tensor | None = None  # the step's own term (L_c, L_o, L_g or L_d), before it
-    samples: Samples | None = None    # the discriminators' inputs of a "g" or "d" step
 
 
 # ---------------------------------------------------------------- Sec. 3.2: the two phases
@@ -719,129 +845,92 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     origin = config.init if start is None else "given"
     if start is not None:
         start = check_partition(start, adjacency.shape[0], n_clusters)
+    watch = watch or (lambda event, state: None)
     rng = np.random.default_rng(config.seed)
     data, sampler, model = setup(prepared, adjacency, config)
-    y, (n, n_genes) = prepared.labels, prepared.x.shape
-    history = []
-
-    def record(row, z):
-        row.update(n=n)
-        if y is not None:
-            row["centroid_ari"] = centroid_ari(y, z.cpu().numpy())
-        history.append(row)
-        _log(row, log)
+    report = Report(prepared.labels, n_clusters, config, log)
 
     # --- phase 1: self-supervision (L_SS, Eq. 4)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)
     for epoch in range(1, config.pretrain_epochs + 1):
         out = self_supervision(model, data, sampler(), config.block)
-        optimise(optimizer, config.w_x * out.l_x + config.w_a * out.l_a)
+        optimise(optimizer, self_supervised_loss(out, config))
         if epoch % config.eval_every == 0 or epoch == config.pretrain_epochs:
-            z = codes(model, data)
-            km = kmeans(z.cpu().numpy(), n_clusters, seed=config.seed, n_init=3)[0]
-            row = {"phase": 1, "epoch": epoch, "of": config.pretrain_epochs,
-                   "L_X": out.l_x.item(), "L_A": out.l_a.item()}
-            row["ID"], row["LID"] = _geometry(z, km)
-            if y is not None:
-                row["kmeans_ari"] = ari(y, km)
-            record(row, z)
+            report.phase1(epoch, out, codes(model, data))
 
     # --- initial centres: phi^o = k-means on Z, phi^c = mean codes of a partition of the cells
     z = codes(model, data)
     pretrained = z.cpu().numpy()
     restarts = kmeans_restarts(pretrained, config.n_over, seed=config.seed)
-    _, over, centres = lowest_inertia(restarts)
     if start is None:
-        start = _initial_partition(prepared, adjacency, n_clusters, config, restarts, pretrained)
-    phi_c = nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)]))
-    phi_o = nn.Parameter(torch.as_tensor(centres, dtype=torch.float32, device=z.device))
-    adversary = Adversary(model, n_clusters, n_genes, config, rng)
-    ae = list(model.parameters())
-    opt_c = torch.optim.Adam(ae + [phi_c], lr=config.lr_cluster)
-    opt_o = torch.optim.Adam(ae + [phi_o], lr=config.lr_cluster)
-    opt_g = torch.optim.Adam(ae, lr=config.lr_adv)
+        start = initial_partition(prepared, adjacency, n_clusters, config, restarts, pretrained)
+    phi = {"c": nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)])),
+           "o": nn.Parameter(torch.as_tensor(lowest_inertia(restarts)[2], dtype=torch.float32,
+                                             device=z.device))}
+    adversary = Adversary(model, n_clusters, prepared.x.shape[1], config, rng)
+    generator = list(model.parameters())  # f_E and f_D^(2): the encoder and the feature head
+    optimizers = {"c": torch.optim.Adam(generator + [phi["c"]], lr=config.lr_cluster),
+                  "o": torch.optim.Adam(generator + [phi["o"]], lr=config.lr_cluster),
+                  "g": torch.optim.Adam(generator, lr=config.lr_adv)}
+    gamma = {"c": config.gamma_c, "o": config.gamma_o, "g": config.gamma_g}
     with torch.no_grad():
-        beta_c = _threshold(config.beta_c, soft_assign(z, phi_c), config.reliable_frac)
-        beta_o = _threshold(config.beta_o, soft_assign(z, phi_o), config.reliable_frac)
-    start_scores = {**scores(y, start), "kept": kept(pretrained, start)}
-    row = {"phase": 2, "epoch": 0, "of": config.max_epochs, "start": origin, "beta_c": beta_c,
-           "beta_o": beta_o, **start_scores}
-    row["ID"], row["LID"] = _geometry(z, start)
-    record(row, z)
-    state = Phase2(model, adversary, pretrained, start, {"c": phi_c, "o": phi_o},
-                   {"c": beta_c, "o": beta_o})
-    seen = watch or (lambda event, state: None)
-    seen("start", state)
+        beta = {key: _threshold(getattr(config, f"beta_{key}"), soft_assign(z, phi[key]),
+                                config.reliable_frac) for key in ("c", "o")}
+    start_row = report.start(origin, beta, z, start)
+    state = Phase2(model, adversary, pretrained, start, phi, beta)
+    watch("start", state)
 
     # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
     steps = ["c"] + ["o"] * config.overclustering + ["g"] * config.adversarial
-    losses, l_d = {}, {}
     for epoch in range(1, config.max_epochs + 1):
         state.epoch = epoch
         if (epoch - 1) % config.update_every == 0:
             # q is a target: recomputed here, held fixed in between, Eqs. (6) and (9)
-            with torch.no_grad():
-                z = codes(model, data)
-                p_c = soft_assign(z, phi_c)
-                q_c, reliable_c = target_distribution(p_c, beta_c)
-                q_o, reliable_o = target_distribution(soft_assign(z, phi_o), beta_o)
-                members = _members(p_c, reliable_c, n_clusters)
-            state.q, state.reliable = {"c": q_c, "o": q_o}, {"c": reliable_c, "o": reliable_o}
-            state.members = members
-            seen("targets", state)
-        batch = sampler()
-        out = self_supervision(model, data, batch, config.block)
-        state.batch, state.out, state.samples = batch, out, None
-        l_ss = config.w_x * out.l_x + config.w_a * out.l_a
-        losses.update(L_X=out.l_x.item(), L_A=out.l_a.item())
+            update_targets(state, codes(model, data))
+            watch("targets", state)
+        state.batch = sampler()
+        state.out = out = self_supervision(model, data, state.batch, config.block)
         step = steps[(epoch - 1) % len(steps)]
-        if step == "c":  # Eq. (7)
-            l_c = kl_divergence(batch.rows(q_c), soft_assign(batch.rows(out.z), phi_c))
-            optimise(opt_c, l_ss + config.gamma_c * l_c)
-            losses["L_c"], state.loss = l_c.item(), l_c
-        elif step == "o":  # Eq. (10)
-            l_o = kl_divergence(batch.rows(q_o), soft_assign(batch.rows(out.z), phi_o))
-            optimise(opt_o, l_ss + config.gamma_o * l_o)
-            losses["L_o"], state.loss = l_o.item(), l_o
-        else:  # Eq. (13), for the encoder and feature head only
-            state.samples = adversary.inputs(out, members)
-            l_g = (adversary.generator_loss(state.samples) if state.samples
-                   else out.z.new_zeros(()))
-            optimise(opt_g, l_ss + config.gamma_g * l_g)
-            losses["L_g"], state.loss = l_g.item(), l_g
-        seen(step, state)
-        if config.adversarial:
+        if step == "g":  # Eq. (13), for the encoder and feature head only
+            state.samples = adversary.inputs(out, state.members)
+            state.loss = (adversary.generator_loss(state.samples) if state.samples
+                          else out.z.new_zeros(()))
+        else:  # Eq. (7) or Eq. (10)
+            state.samples, state.loss = None, clustering_loss(state, step)
+        optimise(optimizers[step], self_supervised_loss(out, config) + gamma[step] * state.loss)
+        report.losses.update({"L_X": out.l_x.item(), "L_A": out.l_a.item(),
+                              f"L_{step}": state.loss.item()})
+        watch(step, state)
+        if config.adversarial:  # Eq. (12), on inputs without gradient
             with torch.no_grad():
-                state.samples = adversary.inputs(out, members)
+                state.samples = adversary.inputs(out, state.members)
             per = adversary.step(state.samples) if state.samples else None
-            l_d = discriminator_fields(per, state.samples and state.samples.active, n_clusters)
+            active = state.samples.active if state.samples else None
+            report.adversary = discriminator_fields(per, active, n_clusters)
             if per is not None:
                 state.loss = per.sum()
-                seen("d", state)
+                watch("d", state)
 
         if epoch % config.eval_every == 0 or epoch == config.max_epochs:
             z = codes(model, data)
-            pred = soft_assign(z, phi_c).argmax(1).cpu().numpy()
-            row = {"phase": 2, "epoch": epoch, "of": config.max_epochs, **losses, **l_d,
-                   "reliable_c": int(reliable_c.sum()), "reliable_o": int(reliable_o.sum())}
-            row["ID"], row["LID"] = _geometry(z, pred)
-            row.update(scores(y, pred))
-            record(row, z)
-            if epoch >= config.min_epochs and row["ID"] >= row["LID"]:
+            row = report.phase2(state, z, soft_assign(z, phi["c"]).argmax(1).cpu().numpy())
+            if id_reaches_lid(row, epoch, config):
                 log(f"phase 2 | stop at epoch {epoch}: mean ID {row['ID']:.2f} >= "
                     f"mean LID {row['LID']:.2f}")
                 break
 
     # --- final labels: argmax of Eq. (5)
     z = codes(model, data)
-    labels = soft_assign(z, phi_c).argmax(1).cpu().numpy()
-    alerts = run_warnings(history)
+    labels = soft_assign(z, phi["c"]).argmax(1).cpu().numpy()
+    alerts = run_warnings(report.rows)
     for line in alerts:
         log(f"warning: {line}")
-    metrics = {**scores(y, labels), "start": start_scores, "phase2_epochs": epoch,
+    start_scores = {key: start_row[key] for key in ("acc", "nmi", "ari", "kept")
+                    if key in start_row}
+    metrics = {**scores(prepared.labels, labels), "start": start_scores, "phase2_epochs": epoch,
                "warnings": alerts}
-    return Result(labels=labels, embedding=z.cpu().numpy(), history=history, metrics=metrics,
-                  pretrained=pretrained)
+    return Result(labels=labels, embedding=z.cpu().numpy(), history=report.rows,
+                  metrics=metrics, pretrained=pretrained)
 
 
 # ---------------------------------------------------------------- one call: counts in, labels out
@@ -914,8 +1003,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sctcm: error: {message}\n")
 
 
-RUN_FIELDS = ("seed", "device", "losses", "batch_size", "block", "eval_every")  # -h: "the run"
-DATA_FIELDS = ("n_top_genes", "n_neighbors", "n_pcs")  # -h: "preprocessing and the graph A"
 EXAMPLES = """examples:
   python sctcm.py --demo
   python sctcm.py data.h5 --clusters 9 --out results --plot
@@ -932,17 +1019,24 @@ def _parser():
               "model": parser.add_argument_group("the model's hyperparameters, by equation")}
     helps = config_help()
     for f in dataclasses.fields(Config):
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        group = groups["run" if f.name in RUN_FIELDS else "data" if f.name in DATA_FIELDS
-                       else "model"]
-        kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else
-                dict(type=int, nargs="+") if isinstance(default, tuple) else
-                dict(type=_beta if f.name.startswith("beta") else type(default)))
-        group.add_argument(flag, default=default, help=f"{helps[f.name]}; default {default}",
-                           **kind)
+        group = groups[f.metadata["group"]]
+        group.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                           help=f"{helps[f.name]}; default {f.default}", **_flag_kind(f))
     groups["run"].add_argument("--threads", type=int, help="threads of torch and of numpy's BLAS "
                                "(>= 1); default: theirs, every core (on a busy machine try 1)")
     return parser
+
+
+def _flag_kind(f):
+    """How argparse reads the flag of Config field f: a switch (--x / --no-x), several whole
+    numbers, a threshold ("auto" or a number), or one value of the default's type."""
+    if isinstance(f.default, bool):
+        return dict(action=argparse.BooleanOptionalAction)
+    if isinstance(f.default, tuple):
+        return dict(type=int, nargs="+")
+    if isinstance(f.metadata["accepts"], OrAuto):
+        return dict(type=_beta)
+    return dict(type=type(f.default))
 
 
 def _files(parser):

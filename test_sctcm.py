@@ -1840,9 +1840,10 @@ def test_generator_step_moves_the_generator_by_l_g_and_never_the_discriminators(
             assert not any(_changed(model.encoder, encoder) + _changed(model.features, features))
 
 
-def _fit(**changes):
+def _fit(watch=None, **changes):
     prepared, adjacency = _tiny_problem()
-    return sctcm.fit(prepared, adjacency, 3, _tiny_config(**changes), log=lambda line: None)
+    return sctcm.fit(prepared, adjacency, 3, _tiny_config(**changes), log=lambda line: None,
+                     watch=watch)
 
 
 @pytest.mark.parametrize("changes", [dict(lr_pretrain=1e4),
@@ -1867,70 +1868,93 @@ def test_ablation_flags_remove_their_losses():
     assert "L_o" not in no_over and "reliable_c" in no_over
 
 
-def _script_geometry(monkeypatch, script):
-    """Make the i-th phase-2 evaluation of the mean (ID, LID) return script[i] ((1, 2) when the
-    script is done; phase 1 and the start's row get (1, 2) too). Phase 2 starts with the first
-    soft assignment."""
-    soft_assign, phase2, values = sctcm.soft_assign, [], iter([(1.0, 2.0), *script])
-
-    def spy(z, centers):
-        phase2.append(True)
-        return soft_assign(z, centers)
-
-    def geometry(z, labels):
-        return next(values, (1.0, 2.0)) if phase2 else (1.0, 2.0)
-
-    monkeypatch.setattr(sctcm, "soft_assign", spy)
-    monkeypatch.setattr(sctcm, "_geometry", geometry)
-
-
-@pytest.mark.parametrize("min_epochs, script, stop", [
-    (6, [(3, 2), (1, 2), (1, 2), (1, 2), (2, 2)], 10),  # ID >= LID at epoch 2 is too early
-    (5, [(1, 2), (3, 2), (2.5, 2)], 6),                  # the first evaluation after min_epochs
-    (6, [(1, 2), (1, 2), (2.5, 2)], 6),                  # at min_epochs itself
-    (6, [], 12),                                         # never: max_epochs
+@pytest.mark.parametrize("row, epoch, min_epochs, stops", [
+    ({"ID": 3.0, "LID": 2.0}, 2, 6, False),   # ID >= LID before min_epochs is too early
+    ({"ID": 2.5, "LID": 2.0}, 6, 6, True),    # at min_epochs itself
+    ({"ID": 2.0, "LID": 2.0}, 8, 6, True),    # ID reaching LID is enough
+    ({"ID": 1.9, "LID": 2.0}, 10, 6, False),  # not yet
 ])
+def test_id_reaches_lid_is_phase_2s_stop_after_min_epochs(row, epoch, min_epochs, stops):
+    assert sctcm.id_reaches_lid(row, epoch, _tiny_config(min_epochs=min_epochs)) is stops
+
+
+@pytest.mark.parametrize("latent, min_epochs, stopped_early", [(2, 5, True), (15, 0, False)])
 @pytest.mark.slow
-def test_phase2_stops_at_the_first_evaluation_after_min_epochs_where_id_reaches_lid(
-        monkeypatch, min_epochs, script, stop):
-    _script_geometry(monkeypatch, script)
-    result = _fit(pretrain_epochs=2, eval_every=2, min_epochs=min_epochs, max_epochs=12)
-    assert result.metrics["phase2_epochs"] == stop
-    logged = [row["epoch"] for row in result.history if row["phase"] == 2]
-    assert logged == list(range(0, stop + 1, 2))  # epoch 0: the start
+def test_phase2_stops_at_the_first_logged_epoch_where_id_reaches_lid(latent, min_epochs,
+                                                                     stopped_early):
+    """fit ends phase 2 at the first logged row where id_reaches_lid holds, else at max_epochs:
+    2-d codes have ID about 2 = LID (the stop fires at the first row after min_epochs); 15-d
+    codes of three curved clusters keep ID below LID (it never fires)."""
+    result = _fit(latent=latent, pretrain_epochs=2, eval_every=2, min_epochs=min_epochs,
+                  max_epochs=12)
+    rows = [row for row in result.history if row["phase"] == 2]
+    assert [row["epoch"] for row in rows] == list(range(0, result.metrics["phase2_epochs"] + 1, 2))
+    config = _tiny_config(min_epochs=min_epochs)
+    first = next((row["epoch"] for row in rows[1:]
+                  if sctcm.id_reaches_lid(row, row["epoch"], config)), 12)
+    assert result.metrics["phase2_epochs"] == first
+    assert (first < 12) is stopped_early
+
+
+def _events(**changes):
+    """The events of phase 2, in order, as fit's watch hook sees them, with each one's epoch."""
+    events = []
+    _fit(watch=lambda event, state: events.append((event, state.epoch)), **changes)
+    return events
 
 
 @pytest.mark.parametrize("adversarial, overclustering, cycle", [
     (True, True, "cdodgd"), (True, False, "cdgd"), (False, True, "co"), (False, False, "c")])
 @pytest.mark.slow
 def test_phase2_alternates_its_steps_with_one_discriminator_update_after_each(
-        monkeypatch, adversarial, overclustering, cycle):
+        adversarial, overclustering, cycle):
     """Steps in order: clustering (c), overclustering (o), generator (g), one per epoch, each
-    followed by one discriminator update (d); an ablation drops its own steps."""
-    events = []
-    for name, event in (("generator_loss", "g"), ("step", "d")):
-        monkeypatch.setattr(sctcm.Adversary, name, lambda *args, _f=getattr(sctcm.Adversary, name),
-                            _e=event, **kw: events.append(_e) or _f(*args, **kw))
-    kl = sctcm.kl_divergence  # L_c against K = 3 clusters, L_o against n_o = 6 overclusters
-    monkeypatch.setattr(sctcm, "kl_divergence", lambda q, p, *args, **kw:
-                        events.append("c" if q.shape[1] == 3 else "o") or kl(q, p, *args, **kw))
-    _fit(pretrain_epochs=2, max_epochs=6, min_epochs=6, eval_every=6,
-         adversarial=adversarial, overclustering=overclustering)
-    assert "".join(events) == cycle * (6 // len(cycle.replace("d", "")))
+    followed by one discriminator update (d); an ablation drops its own steps; targets are
+    recomputed every update_every = 4 epochs, before the epoch's step."""
+    events = _events(pretrain_epochs=2, max_epochs=12, min_epochs=12, eval_every=12,
+                     update_every=4, adversarial=adversarial, overclustering=overclustering)
+    assert events[0] == ("start", 0)
+    assert [epoch for event, epoch in events if event == "targets"] == [1, 5, 9]
+    steps = "".join(event for event, _ in events if event not in ("start", "targets"))
+    assert steps == cycle * (12 // len(cycle.replace("d", "")))
 
 
 @pytest.mark.slow
-def test_phase2_targets_are_fixed_within_each_update_window(monkeypatch):
-    """q of Eq. (6) is recomputed at epochs 1, 5, 9 (update_every = 4) and held fixed in between."""
-    targets, kl = [], sctcm.kl_divergence
-    monkeypatch.setattr(sctcm, "kl_divergence", lambda q, p, *args, **kw:
-                        targets.append(q.detach().clone()) or kl(q, p, *args, **kw))
+def test_phase2_targets_are_fixed_within_each_update_window():
+    """q of Eq. (6) is recomputed at epochs 1, 5, 9 (update_every = 4) and held fixed in between:
+    every clustering step of a window sees the same targets, the next window others."""
+    targets = {}
+
+    def watch(event, state):
+        if event == "c":
+            targets[state.epoch] = state.q["c"].clone()
+
     _fit(pretrain_epochs=2, max_epochs=12, min_epochs=12, eval_every=12, update_every=4,
-         adversarial=False, overclustering=False)  # a clustering step every epoch
-    assert len(targets) == 12
-    for start in (0, 4, 8):
-        assert all(torch.equal(q, targets[start]) for q in targets[start:start + 4])
-    assert not torch.equal(targets[3], targets[4]) and not torch.equal(targets[7], targets[8])
+         adversarial=False, overclustering=False, watch=watch)  # a clustering step every epoch
+    assert sorted(targets) == list(range(1, 13))
+    for start in (1, 5, 9):
+        assert all(torch.equal(targets[epoch], targets[start]) for epoch in range(start, start + 4))
+    assert not torch.equal(targets[4], targets[5]) and not torch.equal(targets[8], targets[9])
+
+
+@pytest.mark.slow
+def test_sampled_losses_train_on_batches_and_cluster_as_well():
+    """losses="sampled" on 300 cells in batches of 100: every phase-2 step reads 100 distinct
+    cells (its ZINB term decodes those alone), and the run clusters as the exact one does."""
+    prepared, adjacency = _tiny_problem()
+    batches = []
+
+    def watch(event, state):
+        if event in ("c", "o", "g"):
+            batches.append((state.batch.cells, state.out.rate.shape[0]))
+
+    config = _tiny_config(pretrain_epochs=40, eval_every=10, max_epochs=6, min_epochs=6,
+                          losses="sampled", batch_size=100)
+    sampled = sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None, watch=watch)
+    assert len(batches) == 6
+    assert all(len(set(cells.tolist())) == 100 and decoded == 100 for cells, decoded in batches)
+    assert not torch.equal(batches[0][0], batches[1][0])  # a new batch every epoch
+    assert sampled.metrics["ari"] > 0.95
 
 
 @pytest.mark.slow
@@ -1994,23 +2018,6 @@ def test_umi_counts_times_50000_train_as_the_counts_do():
     assert run.metrics["warnings"] == [] and run.metrics["ari"] > 0.9
 
 
-
-
-@pytest.mark.slow
-def test_sampled_losses_train_on_batches_and_cluster_as_well(monkeypatch):
-    """losses="sampled" on 300 cells in batches of 100: the clustering steps see 100 cells each,
-    the ZINB term too, and the run clusters as the exact one does."""
-    prepared, adjacency = _tiny_problem()
-    rows, kl, nll = [], sctcm.kl_divergence, sctcm.zinb_nll
-    monkeypatch.setattr(sctcm, "kl_divergence", lambda q, p, *args, **kw:
-                        rows.append(("kl", len(q))) or kl(q, p, *args, **kw))
-    monkeypatch.setattr(sctcm, "zinb_nll", lambda x, *args, **kw:
-                        rows.append(("zinb", len(x))) or nll(x, *args, **kw))
-    config = _tiny_config(pretrain_epochs=40, eval_every=10, max_epochs=6, min_epochs=6,
-                          losses="sampled", batch_size=100)
-    sampled = sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None)
-    assert {size for _, size in rows} == {100} and len(rows) == 46 + 4  # 46 epochs, 4 KL steps
-    assert sampled.metrics["ari"] > 0.95
 
 
 def _kept_by_loop(z, labels):
@@ -2090,12 +2097,11 @@ def _margins(p):
 def _watched_fit(prepared, adjacency, check, **changes):
     """fit with a watch hook that calls check(event, state, before) at each event of phase 2,
     `before` holding copies of the model, phi^c, phi^o and the discriminators as they were just
-    before the event (after the previous one)."""
+    before the event (after the previous one; empty at "start")."""
     before = {}
 
     def watch(event, state):
-        if before:
-            check(event, state, before)
+        check(event, state, before)
         before.update(model=copy.deepcopy(state.model), disc=copy.deepcopy(state.adversary.disc),
                       phi={key: phi.detach().clone() for key, phi in state.phi.items()})
 
@@ -2188,7 +2194,7 @@ def test_each_phase2_step_minimises_its_own_loss_on_its_own_cells(losses):
     seen = []
     _watched_fit(prepared, adjacency, _check_step(prepared, adjacency, seen), dropout=0.0,
                  losses=losses, batch_size=100, max_epochs=6, min_epochs=6, eval_every=6)
-    assert seen == ["targets", "c", "d", "o", "d", "g", "d"] * 2
+    assert seen == ["start"] + ["targets", "c", "d", "o", "d", "g", "d"] * 2
 
 
 def _reliable_by_hand(z, centres, beta):
@@ -2295,45 +2301,64 @@ def test_each_start_rule_is_its_brute_force_choice_over_the_same_restarts(init):
 
 
 @pytest.mark.slow
-def test_phase2_steps_move_the_centres_as_trainable_parameters(monkeypatch):
-    """phi^c (K = 3 rows) and phi^o (n_o = 6 rows) are leaves with gradients in the steps of
-    Eqs. (7) and (10), and the steps move them: the centres of the last step differ from the
-    first's."""
-    original, seen = sctcm.soft_assign, {3: [], 6: []}
+def test_phase2_steps_move_the_centres_as_trainable_parameters():
+    """phi^c (K = 3 rows) and phi^o (n_o = 6 rows) are leaves that the steps of Eqs. (7) and
+    (10) give a gradient and move: the centres after the last step differ from the start's."""
+    seen = {"c": [], "o": []}
 
-    def spy(z, centers):
-        if z.requires_grad:  # a training step (targets, logs and labels read fixed codes)
-            assert centers.requires_grad and centers.is_leaf
-            seen[len(centers)].append(centers.detach().clone())
-        return original(z, centers)
+    def watch(event, state):
+        if event == "start":
+            for key, rows in (("c", 3), ("o", 6)):
+                phi = state.phi[key]
+                assert phi.is_leaf and phi.requires_grad and phi.shape[0] == rows
+                seen[key].append(phi.detach().clone())
+        if event in ("c", "o"):
+            assert state.phi[event].grad.abs().sum() > 0
+            seen[event].append(state.phi[event].detach().clone())
 
-    monkeypatch.setattr(sctcm, "soft_assign", spy)
-    _fit(pretrain_epochs=2, max_epochs=8, min_epochs=8, eval_every=8, adversarial=False)
-    for k in (3, 6):
-        assert len(seen[k]) == 4
-        assert not torch.allclose(seen[k][0], seen[k][-1], rtol=0, atol=1e-6)
+    _fit(pretrain_epochs=2, max_epochs=8, min_epochs=8, eval_every=8, adversarial=False,
+         watch=watch)
+    for key in ("c", "o"):
+        assert len(seen[key]) == 1 + 4
+        assert not torch.allclose(seen[key][0], seen[key][-1], rtol=0, atol=1e-6)
+
+
+def _eval_codes(model, data):
+    """The encoder's output without dropout, by hand (eval mode, then back to training)."""
+    model.eval()
+    with torch.no_grad():
+        z = model.encoder(data["x"], data["a_norm"])
+    model.train()
+    return z
 
 
 @pytest.mark.slow
-def test_targets_geometry_and_labels_use_codes_without_dropout(monkeypatch):
-    """Every encoder pass without gradient (targets q, ID/LID and scores, the final labels) runs
-    in eval mode, i.e. without the input dropout; the training passes run with it; and the
-    final embedding is the output of the last of them."""
-    original, passes = sctcm.Encoder.forward, []
+def test_targets_geometry_and_labels_use_codes_without_dropout():
+    """With dropout 0.5 on the encoder input: the training passes of phase 2 run with it (their
+    codes are not the eval-mode ones), while the codes after phase 1, every target update, the
+    logged ID/LID and the final labels and embedding are those of the encoder without dropout."""
+    prepared, adjacency = _tiny_problem()
+    data, model = sctcm.tensors(prepared, adjacency, "cpu"), []
 
-    def spy(self, x, a_norm):
-        z = original(self, x, a_norm)
-        passes.append((torch.is_grad_enabled(), self.training, z.detach().clone()))
-        return z
+    def check(event, state, before):
+        model[:] = [state.model]
+        if event == "start":
+            assert np.array_equal(state.pretrained, _eval_codes(state.model, data).numpy())
+        if event == "targets":
+            z = _eval_codes(state.model, data)
+            p = sctcm.soft_assign(z, state.phi["c"].detach())
+            assert torch.equal(state.q["c"], sctcm.target_distribution(p, state.beta["c"])[0])
+        if event in ("c", "o"):
+            assert not torch.allclose(state.out.z, _eval_codes(before["model"], data))
 
-    monkeypatch.setattr(sctcm.Encoder, "forward", spy)
-    result = _fit(dropout=0.5, pretrain_epochs=4, eval_every=2, max_epochs=6, min_epochs=6,
-                  update_every=3)
-    codes = [(training, z) for grad, training, z in passes if not grad]
-    assert len(codes) == 2 + 1 + 2 + 3 + 1  # phase-1 logs, centres, targets, phase-2 logs, labels
-    assert not any(training for training, _ in codes)
-    assert all(training for grad, training, _ in passes if grad)
-    assert np.array_equal(result.embedding, codes[-1][1].numpy())
+    result, _ = _watched_fit(prepared, adjacency, check, dropout=0.5, pretrain_epochs=4,
+                             eval_every=3, max_epochs=6, min_epochs=6, update_every=3,
+                             adversarial=False)
+    final = _eval_codes(model[0], data).numpy()
+    assert np.array_equal(result.embedding, final)
+    last = result.history[-1]
+    assert last["epoch"] == 6
+    assert (last["ID"], last["LID"]) == geometry.cluster_geometry(final, result.labels)
 
 
 @pytest.mark.slow
