@@ -252,3 +252,88 @@ def kept(x, labels):
     """Share of the points whose nearest cluster mean (nearest_mean) is their own cluster's: 1
     when the centres at the means give the partition back."""
     return float(np.mean(nearest_mean(x, labels) == labels))
+
+
+# ---------------------------------------------------------------- evidence without labels
+
+def pairwise_ari(partitions):
+    """ARI between every two of R partitions of the same cells -> (R, R), ones on the diagonal."""
+    r = len(partitions)
+    table = np.ones((r, r))
+    for i in range(r):
+        for j in range(i + 1, r):
+            table[i, j] = table[j, i] = ari(partitions[i], partitions[j])
+    return table
+
+
+def most_central(partitions):
+    """The index of the partition whose mean ARI to the others is highest: the run that agrees
+    best with the rest (a medoid under ARI), chosen without labels."""
+    table = pairwise_ari(partitions)
+    return int(np.argmax((table.sum(1) - 1) / max(len(partitions) - 1, 1)))
+
+
+def stability(partitions, reference):
+    """Per cell, the share of the partitions that put it in its cluster of `reference`, each
+    partition's clusters first renamed after the reference's by the Hungarian map (matching)
+    -> (n,) in [0, 1]; a cluster left without a match counts as a disagreement."""
+    reference = np.asarray(reference)
+    agree = np.zeros(len(reference))
+    for partition in partitions:
+        renamed = matching(reference, partition)
+        agree += np.array([renamed.get(int(c), -1) for c in partition]) == reference
+    return agree / len(partitions)
+
+
+def cluster_evidence(z, labels, centres, confidence, reliable, m):
+    """One row per cluster k of labels (n,) with centres (K, d) in the codes z (n, d): size,
+    reliable cells (reliable (n,) bool), mean confidence (confidence (n,)), the nearest other
+    cluster by centre distance, that distance, and the two clusters' spreads along the line
+    joining their centres (the sd of their cells' projections on it) -> (rows, warnings).
+    A warning names a cluster without a reliable cell, one below m cells, and a pair whose
+    centres are closer than the sum of those spreads: along that line their cells form one
+    hump rather than two (two equal Gaussians are bimodal only when their means lie more than
+    2 sd apart)."""
+    z, labels = np.asarray(z, dtype=np.float64), np.asarray(labels)
+    centres = np.asarray(centres, dtype=np.float64)
+    distances = np.sqrt(squared_distances(centres, centres))
+    np.fill_diagonal(distances, np.inf)
+    rows, warnings = [], []
+    for k in range(len(centres)):
+        cells = labels == k
+        nearest = int(np.argmin(distances[k])) if len(centres) > 1 else k
+        spread = _spreads(z, labels, centres, k, nearest)
+        rows.append({"cluster": k, "size": int(cells.sum()), "reliable": int(reliable[cells].sum()),
+                     "mean_confidence": float(confidence[cells].mean()) if cells.any() else 0.0,
+                     "nearest": nearest, "distance": float(distances[k, nearest]),
+                     "spread": spread[0], "nearest_spread": spread[1]})
+    for row in rows:
+        warnings += _cluster_warnings(row, rows, m)
+    return rows, warnings
+
+
+def _spreads(z, labels, centres, a, b):
+    """The sd of the codes of clusters a and b projected on the line from centre a to centre
+    b (0 for a cluster of fewer than 2 cells)."""
+    axis = centres[b] - centres[a]
+    axis = axis / max(np.linalg.norm(axis), 1e-12)
+    sd = lambda k: float((z[labels == k] @ axis).std()) if (labels == k).sum() > 1 else 0.0
+    return sd(a), sd(b)
+
+
+def _cluster_warnings(row, rows, m):
+    """The warning lines of one row of cluster_evidence (a pair is named once, by its lower
+    cluster number)."""
+    k, lines = row["cluster"], []
+    if row["size"] < m:
+        lines.append(f"cluster {k}: {row['size']} cells, fewer than m = {m}")
+    elif row["reliable"] == 0:
+        lines.append(f"cluster {k}: no reliable cell (no margin reaches beta_c): its cells are "
+                     "the least certain of the run")
+    other = rows[row["nearest"]]
+    overlap = row["distance"] < row["spread"] + row["nearest_spread"]
+    if overlap and (other["nearest"] != k or k < other["cluster"]):
+        lines.append(f"clusters {k} and {other['cluster']}: centres {row['distance']:.3g} "
+                     f"apart, less than their spreads along that line ({row['spread']:.3g} + "
+                     f"{row['nearest_spread']:.3g}): one hump, not two; try K - 1")
+    return lines

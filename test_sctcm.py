@@ -1383,6 +1383,59 @@ def test_centroid_ari_is_the_nearest_type_mean_by_a_loop():
     assert clustering.centroid_ari(y, z) == pytest.approx(clustering.ari(y, nearest), rel=1e-12)
 
 
+def test_pairwise_ari_and_the_most_central_run_by_brute_force():
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 3, 40)
+    runs = [base, np.where(rng.random(40) < 0.1, rng.integers(0, 3, 40), base),
+            np.where(rng.random(40) < 0.3, rng.integers(0, 3, 40), base), rng.integers(0, 3, 40)]
+    table = clustering.pairwise_ari(runs)
+    for i, j in itertools.product(range(4), repeat=2):
+        expected = 1.0 if i == j else _pairs_ari(runs[i], runs[j])
+        assert table[i, j] == pytest.approx(expected, abs=1e-12)
+    mean_to_others = [np.mean([_pairs_ari(runs[i], runs[j]) for j in range(4) if j != i])
+                      for i in range(4)]
+    assert clustering.most_central(runs) == int(np.argmax(mean_to_others)) == 0
+
+
+def test_stability_is_the_share_of_runs_that_keep_a_cell_in_its_cluster():
+    reference = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    renamed = np.array([2, 2, 2, 0, 0, 0, 1, 1])  # the same partition, other names
+    moved = np.array([5, 5, 7, 7, 7, 7, 9, 9])    # cell 2 joins cluster 1's cells
+    merged = np.array([0, 0, 0, 0, 0, 0, 1, 1])    # clusters 0 and 1 as one: 1 is left unmatched
+    stable = clustering.stability([reference, renamed, moved, merged], reference)
+    by_hand = np.array([4, 4, 3, 3, 3, 3, 4, 4]) / 4
+    np.testing.assert_allclose(stable, by_hand)
+
+
+def test_cluster_evidence_measures_each_cluster_and_warns_where_a_class_would_look():
+    """Three clusters on a line in 2-d: A at x = 0 and B at x = 0.5 (sd 0.5 along x: one hump),
+    C at x = 10; C has no reliable cell, and a fourth cluster D holds 2 cells (m = 3)."""
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal((0, 0), 0.5, (50, 2)), rng.normal((0.5, 0), 0.5, (50, 2)),
+                        rng.normal((10, 0), 0.5, (50, 2)), [[30, 0], [30.2, 0]]])
+    labels = np.repeat([0, 1, 2, 3], [50, 50, 50, 2])
+    centres = np.stack([z[labels == k].mean(0) for k in range(4)])
+    confidence = np.linspace(0.2, 0.9, len(z))
+    reliable = (confidence > 0.5) | (labels < 2)
+    reliable[labels == 2] = False
+    rows, warnings = clustering.cluster_evidence(z, labels, centres, confidence, reliable, m=3)
+    for k, row in enumerate(rows):
+        cells = labels == k
+        others = [j for j in range(4) if j != k]
+        nearest = min(others, key=lambda j: np.linalg.norm(centres[k] - centres[j]))
+        axis = (centres[nearest] - centres[k]) / np.linalg.norm(centres[nearest] - centres[k])
+        assert row["size"] == cells.sum() and row["reliable"] == reliable[cells].sum()
+        assert row["mean_confidence"] == pytest.approx(confidence[cells].mean())
+        assert row["nearest"] == nearest
+        assert row["distance"] == pytest.approx(np.linalg.norm(centres[k] - centres[nearest]))
+        assert row["spread"] == pytest.approx(np.std(z[cells] @ axis))
+        assert row["nearest_spread"] == pytest.approx(np.std(z[labels == nearest] @ axis))
+    assert len(warnings) == 3
+    assert warnings[0].startswith("clusters 0 and 1: centres")
+    assert warnings[1].startswith("cluster 2: no reliable cell")
+    assert warnings[2] == "cluster 3: 2 cells, fewer than m = 3"
+
+
 # ---------------------------------------------------------------- sctcm.py
 
 def _random_graph(n, p, seed):
