@@ -21,6 +21,7 @@ References
   auto-encoders (NeurIPS workshop 2016).
 """
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -43,9 +44,10 @@ from torch import nn
 import datasets
 import geometry
 import plots
-from clustering import (agreement_groups, ari, centroid_ari, check_partition, kept, kmeans,
-                        kmeans_restarts, lowest_inertia, merge_overclusters, scores,
-                        spectral_clustering, symmetric_normalize)
+from clustering import (agreement_groups, ari, centroid_ari, check_partition, cluster_evidence,
+                        kept, kmeans, kmeans_restarts, lowest_inertia, merge_overclusters,
+                        most_central, pairwise_ari, scores, spectral_clustering, stability,
+                        symmetric_normalize)
 from zinb import zinb_nll
 
 
@@ -193,12 +195,20 @@ def check_config(config):
 
 @dataclass
 class Result:
-    """What fit returns: final labels (argmax of Eq. 5), codes Z, one history row per log."""
+    """What fit returns: final labels (argmax of Eq. 5), codes Z, one history row per log, and
+    the evidence a user without labels can judge the partition by."""
     labels: np.ndarray
     embedding: np.ndarray
     history: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # scores, start, clusters, warnings, ...
     pretrained: np.ndarray | None = None  # the codes Z at the end of phase 1
+    start: np.ndarray | None = None       # the partition whose mean codes started phi^c
+    centres: np.ndarray | None = None     # phi^c at the end, (K, d): Eq. (5) from embedding
+    confidence: np.ndarray | None = None  # p of Eq. (5) for each cell's cluster
+    margin: np.ndarray | None = None      # top-1 minus top-2 of p, what Eq. (6) thresholds
+    reliable: np.ndarray | None = None    # margin >= beta_c at the end: the final Omega_c
+    stability: np.ndarray | None = None   # with several seeds: share of runs that agree
+    baseline: np.ndarray | None = None    # k-means on the principal components (fit_seeds)
 
 
 # ---------------------------------------------------------------- Eq. (1): the GCN encoder
@@ -763,9 +773,9 @@ class Report:
     loss in phase 2 is kept between log lines (losses), with the discriminators' fields of the
     last step (adversary)."""
 
-    def __init__(self, labels, n_clusters, config, log):
+    def __init__(self, labels, n_clusters, config, log, rows=()):
         self.labels, self.k, self.config, self.log = labels, n_clusters, config, log
-        self.rows, self.losses, self.adversary = [], {}, {}
+        self.rows, self.losses, self.adversary = list(rows), {}, {}
 
     def phase1(self, epoch, out, z):
         """A phase-1 row: the losses of the epoch's pass out, and k-means on the codes z as the
@@ -822,7 +832,52 @@ def run_warnings(history):
 
 # ---------------------------------------------------------------- Sec. 3.2: the two phases
 
-def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, watch=None):
+@dataclass
+class Pretrained:
+    """What phase 1 leaves for phase 2. Eq. (4) does not know K, so one phase 1 can serve every
+    K (choose_k): each phase 2 resumes from a copy of the model with the random generators as
+    phase 1 left them, and so gives what a run at that K alone gives."""
+    model: Model
+    data: dict          # the tensors of `tensors`
+    sampler: Sampler
+    rows: list          # phase 1's history rows
+    random_state: dict  # torch's generator (and the device's, and the sampler's) after phase 1
+
+    def resume(self):
+        """A copy of the model after phase 1, with every generator put back as it was then."""
+        torch.set_rng_state(self.random_state["torch"])
+        if "cuda" in self.random_state:
+            torch.cuda.set_rng_state(self.random_state["cuda"], self.model_device)
+        if "sampler" in self.random_state:
+            self.sampler.generator.set_state(self.random_state["sampler"])
+        return copy.deepcopy(self.model)
+
+    @property
+    def model_device(self):
+        return next(self.model.parameters()).device
+
+
+def pretrain(prepared, adjacency, config, n_clusters, log=print):
+    """Phase 1 (Sec. 3.2): pretrain_epochs steps on L_SS (Eq. 4) -> Pretrained. n_clusters only
+    sizes the k-means of Z that the log rows measure ID/LID and ARI(kmeans Z) on."""
+    data, sampler, model = setup(prepared, adjacency, config)
+    report = Report(prepared.labels, n_clusters, config, log)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)
+    for epoch in range(1, config.pretrain_epochs + 1):
+        out = self_supervision(model, data, sampler(), config.block)
+        optimise(optimizer, self_supervised_loss(out, config))
+        if epoch % config.eval_every == 0 or epoch == config.pretrain_epochs:
+            report.phase1(epoch, out, codes(model, data))
+    state = {"torch": torch.get_rng_state()}
+    if data["x"].is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state(data["x"].device)
+    if sampler.sampled:
+        state["sampler"] = sampler.generator.get_state()
+    return Pretrained(model, data, sampler, report.rows, state)
+
+
+def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, watch=None,
+        pretrained=None):
     """Train scTCM on a preprocessed dataset: phase 1 (Eq. 4), centres, phase 2 (Sec. 3.2).
 
     prepared: datasets.Prepared (x = encoder input, counts + size_factors = ZINB target,
@@ -837,7 +892,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     batch_size cells unbiased estimates from a batch and sampled pairs; the steps do not grow
     with n). Codes, targets, reliable sets and ID/LID are always of every cell.
     watch: optional watch(event, Phase2), called after each event of phase 2 (see Phase2); it
-    must not change what it is shown.
+    must not change what it is shown. pretrained: phase 1 already run with this config
+    (pretrain), resumed from a copy (the run is then the one phase 1 and K would give).
     Result.history: a row per log line (phase 2's epoch 0: the start). Result.metrics: the
     scores (labels known), the start's, phase2_epochs, warnings (run_warnings' lines, logged)."""
     config = config or Config()
@@ -847,23 +903,22 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
         start = check_partition(start, adjacency.shape[0], n_clusters)
     watch = watch or (lambda event, state: None)
     rng = np.random.default_rng(config.seed)
-    data, sampler, model = setup(prepared, adjacency, config)
-    report = Report(prepared.labels, n_clusters, config, log)
 
     # --- phase 1: self-supervision (L_SS, Eq. 4)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)
-    for epoch in range(1, config.pretrain_epochs + 1):
-        out = self_supervision(model, data, sampler(), config.block)
-        optimise(optimizer, self_supervised_loss(out, config))
-        if epoch % config.eval_every == 0 or epoch == config.pretrain_epochs:
-            report.phase1(epoch, out, codes(model, data))
+    if pretrained is None:
+        pretrained = pretrain(prepared, adjacency, config, n_clusters, log)
+        model = pretrained.model
+    else:
+        model = pretrained.resume()
+    data, sampler = pretrained.data, pretrained.sampler
+    report = Report(prepared.labels, n_clusters, config, log, pretrained.rows)
 
     # --- initial centres: phi^o = k-means on Z, phi^c = mean codes of a partition of the cells
     z = codes(model, data)
-    pretrained = z.cpu().numpy()
-    restarts = kmeans_restarts(pretrained, config.n_over, seed=config.seed)
+    z_phase1 = z.cpu().numpy()
+    restarts = kmeans_restarts(z_phase1, config.n_over, seed=config.seed)
     if start is None:
-        start = initial_partition(prepared, adjacency, n_clusters, config, restarts, pretrained)
+        start = initial_partition(prepared, adjacency, n_clusters, config, restarts, z_phase1)
     phi = {"c": nn.Parameter(torch.stack([z[start == k].mean(0) for k in range(n_clusters)])),
            "o": nn.Parameter(torch.as_tensor(lowest_inertia(restarts)[2], dtype=torch.float32,
                                              device=z.device))}
@@ -877,7 +932,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
         beta = {key: _threshold(getattr(config, f"beta_{key}"), soft_assign(z, phi[key]),
                                 config.reliable_frac) for key in ("c", "o")}
     start_row = report.start(origin, beta, z, start)
-    state = Phase2(model, adversary, pretrained, start, phi, beta)
+    state = Phase2(model, adversary, z_phase1, start, phi, beta)
     watch("start", state)
 
     # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
@@ -919,52 +974,118 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
                     f"mean LID {row['LID']:.2f}")
                 break
 
-    # --- final labels: argmax of Eq. (5)
+    # --- final labels: argmax of Eq. (5), and how sure each cell and cluster is of it
     z = codes(model, data)
-    labels = soft_assign(z, phi["c"]).argmax(1).cpu().numpy()
-    alerts = run_warnings(report.rows)
+    with torch.no_grad():
+        p = soft_assign(z, phi["c"])
+        top2 = p.topk(2, dim=1).values.cpu().numpy()
+        reliable = target_distribution(p, beta["c"])[1].cpu().numpy()
+    labels, embedding = p.argmax(1).cpu().numpy(), z.cpu().numpy()
+    centres = phi["c"].detach().cpu().numpy()
+    clusters, crowded = cluster_evidence(embedding, labels, centres, top2[:, 0], reliable,
+                                         config.m_cvx)
+    alerts = run_warnings(report.rows) + crowded
     for line in alerts:
         log(f"warning: {line}")
     start_scores = {key: start_row[key] for key in ("acc", "nmi", "ari", "kept")
                     if key in start_row}
     metrics = {**scores(prepared.labels, labels), "start": start_scores, "phase2_epochs": epoch,
-               "warnings": alerts}
-    return Result(labels=labels, embedding=z.cpu().numpy(), history=report.rows,
-                  metrics=metrics, pretrained=pretrained)
+               "clusters": clusters, "warnings": alerts}
+    return Result(labels=labels, embedding=embedding, history=report.rows, metrics=metrics,
+                  pretrained=z_phase1, start=start, centres=centres, confidence=top2[:, 0],
+                  margin=top2[:, 0] - top2[:, 1], reliable=reliable)
+
+
+def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print):
+    """fit with `seeds` seeds (config.seed, config.seed + 1, ...) -> the Result of the run that
+    agrees best with the others (clustering.most_central: a real run, not a new partition),
+    with each cell's stability (the share of the runs that put it in its cluster) and
+    metrics["seed_agreement"] (the runs' pairwise ARI: mean, min, and the seed chosen). Every
+    result also carries the baseline: k-means on the n_pcs principal components of the same
+    preprocessed matrix (Result.baseline; metrics["baseline"]: its ARI to scTCM's partition
+    and, with labels, its scores)."""
+    if seeds > 1:
+        log(f"{seeds} runs (seeds {config.seed}-{config.seed + seeds - 1}): about {seeds} times "
+            "the time of one")
+    runs = []
+    for i in range(seeds):
+        if seeds > 1:
+            log(f"seed {config.seed + i} ({i + 1} of {seeds})")
+        runs.append(fit(prepared, adjacency, n_clusters,
+                        dataclasses.replace(config, seed=config.seed + i), log=log))
+    partitions = [run.labels for run in runs]
+    chosen = runs[most_central(partitions)]
+    if seeds > 1:
+        table = pairwise_ari(partitions)
+        between = table[~np.eye(seeds, dtype=bool)]
+        chosen.stability = stability(partitions, chosen.labels)
+        chosen.metrics["seed_agreement"] = {
+            "seeds": [config.seed + i for i in range(seeds)],
+            "chosen": config.seed + most_central(partitions),
+            "mean_ari": float(between.mean()), "min_ari": float(between.min())}
+        log(f"seeds agree: pairwise ARI mean {between.mean():.3f}, min {between.min():.3f}; "
+            f"kept seed {chosen.metrics['seed_agreement']['chosen']}, the run that agrees best "
+            "with the others")
+    chosen.baseline = kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters,
+                             seed=config.seed)[0]
+    agreement = ari(chosen.baseline, chosen.labels)
+    chosen.metrics["baseline"] = {"ari_to_sctcm": agreement,
+                                  **scores(prepared.labels, chosen.baseline)}
+    scored = "".join(f" | {key.upper()} {value:.3f}" for key, value in
+                     scores(prepared.labels, chosen.baseline).items())
+    log(f"baseline: k-means on {config.n_pcs} principal components, ARI to scTCM's partition "
+        f"{agreement:.3f}{scored}")
+    return chosen
 
 
 # ---------------------------------------------------------------- one call: counts in, labels out
 
-def cluster(counts, n_clusters, labels=None, log=print, **config):
+def cluster(counts, n_clusters, labels=None, log=print, seeds=1, **config):
     """Cluster raw counts in one call: preprocess, kNN graph A and fit, as the command line runs
     them (the same seed gives the command line's labels on the same counts).
 
     counts: (n, g) raw counts, cells x genes, numpy or scipy sparse (AnnData: adata.layers["counts"]
     or adata.raw.X where X is normalised); n_clusters: K; labels: optional (n,), for scoring only
-    (missing: -1, NaN, "", "NA"); config: Config fields as keywords (seed=1, ...); log: where the
-    progress lines go (log=lambda line: None silences them). -> Result whose labels, embedding
-    and pretrained line up with the rows of counts (-1 and NaN for a cell preprocessing dropped).
+    (missing: -1, NaN, "", "NA"); seeds: runs with seeds seed, seed + 1, ... (fit_seeds: the run
+    that agrees best with the others, and each cell's stability); config: Config fields as
+    keywords (seed=1, ...); log: where the progress lines go (log=lambda line: None silences
+    them). -> Result whose per-cell arrays (labels, embedding, pretrained, start, confidence,
+    margin, reliable, stability, baseline) line up with the rows of counts: -1 (labels, start,
+    baseline), NaN or False for a cell preprocessing dropped (it had no counts).
     Bad input raises the command line's one-line ValueError; a divergent run FloatingPointError."""
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}: not a field of sctcm.Config")
     config = Config(**config)
     _check_settings(n_clusters, config)
+    _check_seeds(seeds)
     dataset = datasets.from_counts(counts, labels)
     prepared, adjacency = prepare(dataset, n_clusters, config)
     datasets.describe(prepared, adjacency, n_clusters, log)
-    result = fit(prepared, adjacency, n_clusters, config, log=log)
-    rows = np.full(dataset.counts.shape[0], -1, dtype=result.labels.dtype)
-    rows[prepared.cells] = result.labels
-    return dataclasses.replace(result, labels=rows, embedding=_aligned(result.embedding, prepared,
-                               dataset), pretrained=_aligned(result.pretrained, prepared, dataset))
+    result = fit_seeds(prepared, adjacency, n_clusters, config, seeds, log)
+    n = dataset.counts.shape[0]
+    return dataclasses.replace(result, **{name: aligned(getattr(result, name), prepared.cells, n)
+                                          for name in PER_CELL if getattr(result, name) is not None})
 
 
-def _aligned(codes, prepared, dataset):
-    """Codes (cells kept, d) as rows of the input: a row of NaN for a cell preprocessing dropped."""
-    rows = np.full((dataset.counts.shape[0], codes.shape[1]), np.nan, dtype=codes.dtype)
-    rows[prepared.cells] = codes
+PER_CELL = ("labels", "embedding", "pretrained", "start", "confidence", "margin", "reliable",
+            "stability", "baseline")  # the Result fields with one row per cell
+
+
+def aligned(values, cells, n):
+    """values of the cells kept (rows `cells` of the input) as n rows of the input: a cell
+    preprocessing dropped gets -1 (whole numbers), NaN (real numbers) or False."""
+    values = np.asarray(values)
+    fill = {"i": -1, "b": False}.get(values.dtype.kind, np.nan)
+    rows = np.full((n, *values.shape[1:]), fill, dtype=values.dtype)
+    rows[cells] = values
     return rows
+
+
+def _check_seeds(seeds):
+    """--seeds / seeds= must be a whole number of runs, at least 1."""
+    if not isinstance(seeds, (int, np.integer)) or seeds < 1:
+        raise ValueError(f"--seeds must be a whole number of runs, at least 1, got {seeds!r}")
 
 
 def _check_settings(k, config):

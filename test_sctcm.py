@@ -2415,6 +2415,23 @@ def test_targets_geometry_and_labels_use_codes_without_dropout():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("losses", ["exact", "sampled"])
+def test_one_phase_1_serves_every_k_as_a_run_at_that_k_alone(losses):
+    """Eq. (4) does not know K: phase 2 resumed from one pretrain gives, for each K, the labels
+    and codes of a whole run at that K (the model copied, the generators put back)."""
+    prepared, adjacency = _tiny_problem()
+    config = _tiny_config(losses=losses, batch_size=100)
+    quiet = lambda line: None
+    once = sctcm.pretrain(prepared, adjacency, config, 3, log=quiet)
+    for k in (4, 3, 2):
+        alone = sctcm.fit(prepared, adjacency, k, config, log=quiet)
+        resumed = sctcm.fit(prepared, adjacency, k, config, log=quiet, pretrained=once)
+        assert np.array_equal(alone.labels, resumed.labels)
+        assert np.array_equal(alone.embedding, resumed.embedding)
+        assert np.array_equal(alone.pretrained, resumed.pretrained)
+
+
+@pytest.mark.slow
 def test_fit_is_deterministic_for_a_seed():
     first, second = _fit(seed=3), _fit(seed=3)
     assert np.array_equal(first.labels, second.labels)
