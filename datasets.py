@@ -48,7 +48,6 @@ import re
 import resource
 import shutil
 import tempfile
-import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1182,51 +1181,3 @@ def _random_decoder(z, n_genes, rng, hidden=32):
     informative = rng.random(n_genes) < SYN_INFORMATIVE
     return base + informative * (np.tanh(z @ w1 + c) @ w2)
 
-
-# ---------------------------------------------------------------- benchmark
-
-
-def _benchmark(n_cells=10_000, n_genes=20_000, density=0.1, seed=0):
-    """Time load + preprocess + knn_graph on a sparse (n_cells x n_genes, ~density non-zero) .h5 file.
-
-    Prints the seconds of each step and the peak resident memory of the process (building the
-    matrix included)."""
-    rng = np.random.default_rng(seed)
-    rate = rng.lognormal(0.0, 0.5, n_genes)  # genes differ in how often they are detected
-    rate = np.minimum(density * rate / rate.mean(), 1.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bench.h5")
-        _write_random_csr(path, n_cells, rate, rng)
-        t0 = time.perf_counter()
-        data = load(path)
-        t1 = time.perf_counter()
-        prepared = preprocess(data)
-        t2 = time.perf_counter()
-        adjacency = knn_graph(prepared.x)
-        t3 = time.perf_counter()
-    peak_gb = peak_memory_mb() / 1024
-    print(f"{n_cells} cells x {n_genes} genes, {data.counts.nnz / (n_cells * n_genes):.1%} non-zero | "
-          f"load {t1 - t0:.1f} s | preprocess {t2 - t1:.1f} s | knn_graph {t3 - t2:.1f} s | "
-          f"total {t3 - t0:.1f} s | peak RSS {peak_gb:.2f} GB | {adjacency.nnz} edges")
-
-
-def _write_random_csr(path, n_cells, rate, rng, block=500):
-    """Write counts (non-zero with probability rate_g, value 1 + Poisson(2)) as an X CSR group + Y."""
-    n_genes = len(rate)
-    with h5py.File(path, "w") as f:
-        g = f.create_group("X")
-        data = g.create_dataset("data", (0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
-        indices = g.create_dataset("indices", (0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
-        indptr = [0]
-        for start in range(0, n_cells, block):
-            rows = sp.csr_matrix(rng.random((min(block, n_cells - start), n_genes)) < rate)
-            values = 1 + rng.poisson(2.0, rows.nnz)
-            size = data.shape[0]
-            data.resize((size + rows.nnz,))
-            indices.resize((size + rows.nnz,))
-            data[size:] = values
-            indices[size:] = rows.indices
-            indptr.extend(size + rows.indptr[1:])
-        g.create_dataset("indptr", data=np.array(indptr, dtype=np.int64))
-        g.create_dataset("shape", data=np.array([n_cells, n_genes]))
-        f.create_dataset("Y", data=rng.integers(0, 10, n_cells))
