@@ -173,7 +173,7 @@ def agreement_groups(partitions):
 
 def _contingency(y, pred):
     """Counts n_ij of cells with true class i and predicted cluster j. A cell whose label is
-    missing (negative; datasets.load writes -1) is left out, here and so in every metric."""
+    missing (negative; formats.load writes -1) is left out, here and so in every metric."""
     y, pred = np.asarray(y), np.asarray(pred)
     _, yi = np.unique(y[y >= 0], return_inverse=True)
     _, pj = np.unique(pred[y >= 0], return_inverse=True)

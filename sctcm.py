@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import datasets
+import formats
 import geometry
 import plots
 from clustering import (agreement_groups, ari, centroid_ari, check_partition, kept, kmeans,
@@ -982,7 +983,7 @@ def _inputs(args, config):
                         ("--layer", args.layer), ("--transpose", args.transpose)):
         if args.demo and value is not None:
             raise ValueError(f"{flag} is about a file's contents; --demo reads no file")
-    datasets.check_out(Path(args.out), args.overwrite)
+    formats.check_out(Path(args.out), args.overwrite)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot draws with matplotlib, which is not installed (pip install "
                          "matplotlib)")
@@ -992,8 +993,8 @@ def _inputs(args, config):
     else:
         if args.clusters is None:
             raise ValueError("--clusters K is required with a file")
-        dataset = datasets.load(args.path, label_key=args.label_key, layer=args.layer,
-                                transpose=args.transpose, labels=args.labels)
+        dataset = formats.load(args.path, label_key=args.label_key, layer=args.layer,
+                               transpose=args.transpose, labels=args.labels)
         k = args.clusters
     prepared, adjacency = prepare(dataset, k, config)
     return dataset, prepared, adjacency, k
@@ -1045,20 +1046,20 @@ def main(argv=None):
         "dataset": dataset.name, "cells": n, "genes": g, "clusters": k,
         "metrics": result.metrics,
         "seconds": {"preprocess_and_graph": prep_seconds, "total": seconds},
-        "peak_memory_mb": datasets.peak_memory_mb(), "threads": torch.get_num_threads(),
+        "peak_memory_mb": formats.peak_memory_mb(), "threads": torch.get_num_threads(),
         "config": dataclasses.asdict(config),
         "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
                      "scipy": scipy.__version__, "torch": torch.__version__},
     }
     out = Path(args.out)
-    tmp = datasets.scratch_folder(out)
-    datasets.write_run(tmp, prepared.cell_names, result.labels, result.embedding, result.history,
-                       summary)
+    tmp = formats.scratch_folder(out)
+    formats.write_run(tmp, prepared.cell_names, result.labels, result.embedding, result.history,
+                      summary)
     pictures = []
     if args.plot:
         pictures = plots.draw(tmp, result.history, result.embedding, result.labels, prepared.labels,
                               prepared.label_names, prepared.name, result.pretrained)
-    datasets.publish(tmp, out, args.overwrite)
+    formats.publish(tmp, out, args.overwrite)
     print(f"wrote {out}/: " + " ".join(["labels.csv", "embedding.csv", "history.csv",
                                         "summary.json", *pictures]))
     return 0

@@ -27,6 +27,7 @@ from scipy.spatial import cKDTree
 
 import clustering
 import datasets
+import formats
 import geometry
 import reproduce
 import sctcm
@@ -118,7 +119,7 @@ def test_load_xy_layout(tmp_path, sparse):
             f.create_dataset("X", data=x.astype(np.int32))
         f.create_dataset("Y", data=_strings(labels))
         f.create_dataset("genes", data=_strings([f"g{j}" for j in range(x.shape[1])]))
-    ds = datasets.load(path)
+    ds = formats.load(path)
     _assert_same(ds, x, labels)
     assert sp.issparse(ds.counts) and ds.counts.dtype == np.float32
     assert ds.gene_names[3] == "g3" and ds.name == "toy" and ds.notes == []
@@ -132,7 +133,7 @@ def test_load_xy_integer_labels_with_names(tmp_path):
         f.create_dataset("X", data=x)
         f.create_dataset("Y", data=y)
         f.create_dataset("cell_types", data=_strings(["zero", "one", "two", "three"]))
-    ds = datasets.load(path)
+    ds = formats.load(path)
     np.testing.assert_array_equal(ds.labels, y - 1)
     np.testing.assert_array_equal(ds.label_names, ["one", "two", "three"])
 
@@ -149,7 +150,7 @@ def test_load_paper_layout(tmp_path, sparse):
         f.create_group("obs").create_dataset("cell_type1", data=_strings(labels))
         f.create_dataset("obs_names", data=_strings([f"c{i}" for i in range(len(x))]))
         f.create_dataset("var_names", data=_strings([f"g{j}" for j in range(x.shape[1])]))
-    ds = datasets.load(path)
+    ds = formats.load(path)
     _assert_same(ds, x, labels)
     assert ds.cell_names[2] == "c2" and ds.gene_names[-1] == f"g{x.shape[1] - 1}"
 
@@ -160,7 +161,7 @@ def test_load_h5ad(tmp_path, fmt, categorical):
     x, labels = _toy()
     path = tmp_path / "toy.h5ad"
     _write_h5ad(path, x, labels, fmt, categorical)
-    ds = datasets.load(path)
+    ds = formats.load(path)
     _assert_same(ds, x, labels)
     assert ds.cell_names[1] == "c1" and ds.gene_names[0] == "g0" and ds.notes == []
 
@@ -171,10 +172,10 @@ def test_load_h5ad_label_key(tmp_path):
     _write_h5ad(path, x, labels)
     with h5py.File(path, "a") as f:
         f["obs"].create_dataset("batch", data=np.arange(len(x)) % 2)
-    ds = datasets.load(path, label_key="batch")
+    ds = formats.load(path, label_key="batch")
     np.testing.assert_array_equal(ds.labels, np.arange(len(x)) % 2)
     with pytest.raises(ValueError, match="no obs column 'donor'"):
-        datasets.load(path, label_key="donor")
+        formats.load(path, label_key="donor")
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -191,7 +192,7 @@ def test_load_10x_folder(tmp_path, gz):
         for name in ("matrix.mtx", "features.tsv", "barcodes.tsv"):
             (folder / (name + ".gz")).write_bytes(gzip.compress((folder / name).read_bytes()))
             (folder / name).unlink()
-    ds = datasets.load(folder)
+    ds = formats.load(folder)
     np.testing.assert_array_equal(ds.counts.toarray(), x)
     assert ds.labels is None and ds.gene_names[4] == "g4" and ds.cell_names[5] == "AAAC-5"
 
@@ -201,7 +202,7 @@ def test_load_10x_genes_tsv(tmp_path):
     scipy.io.mmwrite(tmp_path / "matrix.mtx", sp.coo_matrix(x.T))
     (tmp_path / "genes.tsv").write_text("".join(f"ENSG{j}\tg{j}\n" for j in range(x.shape[1])))
     (tmp_path / "barcodes.tsv").write_text("".join(f"b{i}\n" for i in range(len(x))))
-    ds = datasets.load(tmp_path / "matrix.mtx")
+    ds = formats.load(tmp_path / "matrix.mtx")
     np.testing.assert_array_equal(ds.counts.toarray(), x)
     assert ds.gene_names[1] == "g1"
 
@@ -214,7 +215,7 @@ def test_load_csv_tsv(tmp_path, name, sep, corner):
     text = "\n".join(lines) + "\n"
     path = tmp_path / name
     path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
-    ds = datasets.load(path)
+    ds = formats.load(path)
     np.testing.assert_array_equal(ds.counts.toarray(), x)
     assert ds.gene_names[0] == "g0" and ds.cell_names[-1] == f"c{len(x) - 1}" and ds.name == "toy"
 
@@ -225,7 +226,7 @@ def test_load_transposes_matrices_written_from_r(tmp_path):
     with h5py.File(path, "w") as f:
         f.create_dataset("X", data=x.T)  # genes x cells, as rhdf5 writes a cells x genes R matrix
         f.create_dataset("Y", data=_strings(labels))
-    ds = datasets.load(path)
+    ds = formats.load(path)
     _assert_same(ds, x, labels)
     assert len(ds.notes) == 1 and "transposed" in ds.notes[0] and "\n" not in ds.notes[0]
 
@@ -233,7 +234,7 @@ def test_load_transposes_matrices_written_from_r(tmp_path):
     with h5py.File(path, "w") as f:
         _write_csr_group(f.create_group("exprs"), x.T)
         f.create_dataset("obs_names", data=_strings([f"c{i}" for i in range(len(x))]))
-    ds = datasets.load(path)
+    ds = formats.load(path)
     np.testing.assert_array_equal(ds.counts.toarray(), x)
     assert "transposed" in ds.notes[0]
 
@@ -245,8 +246,8 @@ def test_load_reads_a_dense_matrix_in_blocks(tmp_path, monkeypatch, chunks):
     with h5py.File(path, "w") as f:
         f.create_dataset("X", data=x, chunks=chunks)
         f.create_dataset("Y", data=_strings(labels))
-    monkeypatch.setattr(datasets, "BLOCK_ENTRIES", 7 * 12)  # 7 rows a block (4 when chunked)
-    _assert_same(datasets.load(path), x, labels)
+    monkeypatch.setattr(formats, "BLOCK_ENTRIES", 7 * 12)  # 7 rows a block (4 when chunked)
+    _assert_same(formats.load(path), x, labels)
 
 
 def _barcodes(n, seed=0):
@@ -265,7 +266,7 @@ def _write_xy(path, x, labels=None, genes=None, cells=None):
 
 def _assert_same_as_xy(ds, tmp_path, x, labels=None, genes=None, cells=None):
     """ds holds what the same counts, names and labels give in the X/Y layout."""
-    ref = datasets.load(_write_xy(tmp_path / "reference.h5", x, labels, genes, cells))
+    ref = formats.load(_write_xy(tmp_path / "reference.h5", x, labels, genes, cells))
     assert sp.isspmatrix_csr(ds.counts) and ds.counts.dtype == np.float32
     assert (ds.counts != ref.counts).nnz == 0 and ds.counts.shape == ref.counts.shape
     np.testing.assert_array_equal(ds.gene_names, ref.gene_names)
@@ -313,7 +314,7 @@ def _write_cellranger(path, x, genes, barcodes, version=3, other=()):
 def test_load_cellranger_h5(tmp_path, version):
     x, _ = _toy()
     genes, cells = [f"Gene{j}" for j in range(x.shape[1])], _barcodes(len(x))
-    ds = datasets.load(_write_cellranger(tmp_path / "filtered.h5", x, genes, cells, version))
+    ds = formats.load(_write_cellranger(tmp_path / "filtered.h5", x, genes, cells, version))
     _assert_same_as_xy(ds, tmp_path, x, genes=genes, cells=cells)
     assert ds.notes == [] and ds.name == "filtered"
 
@@ -324,7 +325,7 @@ def test_load_cellranger_h5_keeps_gene_expression_and_counts_the_rest(tmp_path):
     other = [("CD3_TotalSeqB", "Antibody Capture", np.arange(30)),
              ("CD4_TotalSeqB", "Antibody Capture", np.arange(30) % 7),
              ("sgRNA1", "CRISPR Guide Capture", np.ones(30, int))]
-    ds = datasets.load(_write_cellranger(tmp_path / "multi.h5", x, genes, cells, other=other))
+    ds = formats.load(_write_cellranger(tmp_path / "multi.h5", x, genes, cells, other=other))
     _assert_same_as_xy(ds, tmp_path, x, genes=genes, cells=cells)
     assert ds.notes == [f"{tmp_path / 'multi.h5'}: kept the 12 Gene Expression features; set aside "
                         "2 Antibody Capture, 1 CRISPR Guide Capture"]
@@ -361,12 +362,12 @@ def test_load_h5ad_finds_the_counts_in_layers_counts(tmp_path):
     x, labels = _toy()
     path = _write_processed_h5ad(tmp_path / "processed.h5ad", x, labels)
     genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
-    ds = datasets.load(path)
+    ds = formats.load(path)
     _assert_same_as_xy(ds, tmp_path, x, labels, genes, cells)
     fractions = np.count_nonzero(_normalised(x) % 1)
     assert ds.notes == [f"{path}: {fractions} non-integer counts in X (raw counts expected, not "
                         "normalised or log data); read the raw counts in layers/counts"]
-    named = datasets.load(path, layer="counts")
+    named = formats.load(path, layer="counts")
     _assert_same_as_xy(named, tmp_path, x, labels, genes, cells)
     assert named.notes == []
 
@@ -375,7 +376,7 @@ def test_load_h5ad_layer_raw_reads_raw_x_and_its_genes(tmp_path):
     x, labels = _toy()
     extra = np.arange(60).reshape(30, 2) % 4  # raw keeps two genes that X left out
     path = _write_processed_h5ad(tmp_path / "processed.h5ad", x, labels, "raw", extra)
-    ds = datasets.load(path, layer="raw")
+    ds = formats.load(path, layer="raw")
     _assert_same_as_xy(ds, tmp_path, np.hstack([x, extra]), labels, [f"g{j}" for j in range(14)],
                        [f"c{i}" for i in range(30)])
     assert ds.counts.shape == (30, 14) and ds.notes == []
@@ -411,10 +412,10 @@ def test_load_loom(tmp_path):
     x, labels = _toy()
     genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
     path = _write_loom(tmp_path / "toy.loom", x, genes, cells, labels)
-    ds = datasets.load(path)
+    ds = formats.load(path)
     _assert_same_as_xy(ds, tmp_path, x, labels, genes, cells)
     assert ds.notes == [] and ds.name == "toy"
-    clusters = datasets.load(path, label_key="Clusters")
+    clusters = formats.load(path, label_key="Clusters")
     codes = np.unique(labels, return_inverse=True)[1]
     np.testing.assert_array_equal(clusters.label_names[clusters.labels], codes.astype(str))
 
@@ -424,8 +425,8 @@ def test_load_loom_reads_a_layer_only_when_asked(tmp_path):
     genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
     spliced = x // 2
     path = _write_loom(tmp_path / "velocyto.loom", x, genes, cells, labels, {"spliced": spliced})
-    _assert_same_as_xy(datasets.load(path), tmp_path, x, labels, genes, cells)
-    _assert_same_as_xy(datasets.load(path, layer="spliced"), tmp_path, spliced, labels, genes, cells)
+    _assert_same_as_xy(formats.load(path), tmp_path, x, labels, genes, cells)
+    _assert_same_as_xy(formats.load(path, layer="spliced"), tmp_path, spliced, labels, genes, cells)
 
 
 def _write_r_csv(path, table, row_names, col_names):
@@ -456,13 +457,13 @@ ORIENTATION_EVIDENCE = [  # (counts, gene names, cell names, what the note gives
 @pytest.mark.parametrize("x, genes, cells, reason", ORIENTATION_EVIDENCE,
                          ids=["ensembl", "mitochondrial", "barcodes", "detection"])
 def test_load_tells_which_way_a_table_lies_and_says_so(tmp_path, x, genes, cells, reason):
-    from_r = datasets.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells))  # genes x cells
+    from_r = formats.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells))  # genes x cells
     _assert_same_as_xy(from_r, tmp_path, x, genes=genes, cells=cells)
     [note] = from_r.notes
     assert note.startswith(f"{tmp_path / 'from_r.csv'}: read the rows of the table as genes and its "
                            "columns as cells (")
     assert reason in note and note.endswith("; --no-transpose reads them the other way")
-    as_is = datasets.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes))  # cells x genes
+    as_is = formats.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes))  # cells x genes
     _assert_same_as_xy(as_is, tmp_path, x, genes=genes, cells=cells)
     [note] = as_is.notes
     assert "read the rows of the table as cells and its columns as genes" in note and reason in note
@@ -473,17 +474,17 @@ def test_load_transpose_says_which_way_a_table_lies(tmp_path):
     x, _ = _toy()
     genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
     path = _write_r_csv(tmp_path / "toy.csv", x, cells, genes)
-    [note] = datasets.load(path).notes  # Poisson counts, plain names: nothing tells the axes apart
+    [note] = formats.load(path).notes  # Poisson counts, plain names: nothing tells the axes apart
     assert "as cells and its columns as genes (nothing tells its axes apart" in note
-    _assert_same_as_xy(datasets.load(path, transpose=False), tmp_path, x, genes=genes, cells=cells)
-    flipped = datasets.load(path, transpose=True)
+    _assert_same_as_xy(formats.load(path, transpose=False), tmp_path, x, genes=genes, cells=cells)
+    flipped = formats.load(path, transpose=True)
     _assert_same_as_xy(flipped, tmp_path, x.T, genes=cells, cells=genes)
-    assert flipped.notes == [] and datasets.load(path, transpose=False).notes == []
+    assert flipped.notes == [] and formats.load(path, transpose=False).notes == []
     counts, _ = _synthetic_counts()
     path = _write(tmp_path / "genes_by_cells.h5", X=counts.T)  # no labels, no names: the counts decide
-    ds = datasets.load(path)
+    ds = formats.load(path)
     assert ds.counts.shape == (240, 120) and "read the rows of X as genes" in ds.notes[0]
-    assert datasets.load(path, transpose=False).counts.shape == (120, 240)
+    assert formats.load(path, transpose=False).counts.shape == (120, 240)
 
 
 def _write_label_file(path, names, labels, header=("barcode", "cell_type")):
@@ -507,7 +508,7 @@ def test_load_label_file_matches_cells_by_name(tmp_path, name, header):
     values = np.concatenate([labels[listed][::-1], ["beta", "alpha"]])
     values[0] = "NA"  # cell 28: a label written as missing
     table = _write_label_file(tmp_path / name, names, values, header)
-    ds = datasets.load(path, labels=table)
+    ds = formats.load(path, labels=table)
     expected = np.where(listed, labels, "")
     expected[28] = ""
     _assert_same_as_xy(ds, tmp_path, x, expected, genes, cells)
@@ -524,22 +525,22 @@ def test_label_file_replaces_the_files_labels_and_label_key_picks_its_column(tmp
     table = tmp_path / "obs.csv"  # what adata.obs.to_csv() writes: the index, then every column
     table.write_text(",n_genes,batch,cell_type\n" + "".join(
         f"c{i},{100 + i},{batch[i]},{labels[i]}\n" for i in range(30)))
-    ds = datasets.load(path, labels=table, label_key="batch")
+    ds = formats.load(path, labels=table, label_key="batch")
     np.testing.assert_array_equal(ds.label_names[ds.labels], batch)
     assert ds.notes == [f"{table}: labels for 30 of 30 cells (not the file's own)"]
     with pytest.raises(ValueError, match=r"obs\.csv: 4 columns \(, n_genes, batch, cell_type, \.\.\.\)"):
-        datasets.load(path, labels=table)
+        formats.load(path, labels=table)
 
 
 def test_label_file_tells_which_way_a_table_lies(tmp_path):
     x, labels = _toy()  # plain names, Poisson counts: only the label file can tell the axes apart
     genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
     table = _write_label_file(tmp_path / "labels.csv", cells, labels)
-    from_r = datasets.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells), labels=table)
+    from_r = formats.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells), labels=table)
     _assert_same_as_xy(from_r, tmp_path, x, labels, genes, cells)
     assert from_r.notes == [f"{tmp_path / 'from_r.csv'}: transposed the table to 30 cells x 12 genes: "
                             "the label file names its columns", f"{table}: labels for 30 of 30 cells"]
-    as_is = datasets.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes), labels=table)
+    as_is = formats.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes), labels=table)
     _assert_same_as_xy(as_is, tmp_path, x, labels, genes, cells)
     assert as_is.notes == [f"{table}: labels for 30 of 30 cells"]
 
@@ -688,16 +689,16 @@ def _write(path, **arrays):
 
 def test_bad_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"nothing\.h5: no such file"):
-        datasets.load(tmp_path / "nothing.h5")
+        formats.load(tmp_path / "nothing.h5")
 
 
 def test_bad_unknown_layout(tmp_path):
     (tmp_path / "counts.xlsx").write_text("not a matrix")
     with pytest.raises(ValueError, match=r"counts\.xlsx: unknown layout"):
-        datasets.load(tmp_path / "counts.xlsx")
+        formats.load(tmp_path / "counts.xlsx")
     path = _write(tmp_path / "other.h5", matrix=np.ones((3, 3)))
     with pytest.raises(ValueError, match=r"other\.h5: unknown HDF5 layout"):
-        datasets.load(path)
+        formats.load(path)
 
 
 @pytest.mark.parametrize("value, message", [(-1.0, "2 negative counts in X"),
@@ -709,7 +710,7 @@ def test_bad_counts(tmp_path, value, message):
     x[3, 4] = x[7, 1] = value
     path = _write(tmp_path / "bad.h5", X=x)
     with pytest.raises(ValueError, match=rf"bad\.h5: {message}") as err:
-        datasets.load(path)
+        formats.load(path)
     assert "\n" not in str(err.value)
 
 
@@ -722,21 +723,21 @@ def test_bad_inconsistent_csr_group(tmp_path):
         f["X"].create_dataset("indptr", data=sp.csr_matrix(x).indptr[:-3])
     message = r"bad\.h5: inconsistent CSR group X: indptr has 28 entries for 30 rows"
     with pytest.raises(ValueError, match=message):
-        datasets.load(path)
+        formats.load(path)
 
 
 def test_bad_label_count(tmp_path):
     x, labels = _toy()
     path = _write(tmp_path / "bad.h5", X=x, Y=_strings(labels[:-1]))
     with pytest.raises(ValueError, match=r"bad\.h5: 29 labels for 30 cells"):
-        datasets.load(path)
+        formats.load(path)
 
 
 def test_bad_non_numeric_csv(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text(",g0,g1\nc0,1,2\nc1,3,abc\n")
     with pytest.raises(ValueError, match=r"bad\.csv: line 3: non-numeric count 'abc'"):
-        datasets.load(path)
+        formats.load(path)
 
 
 def test_bad_too_few_cells_after_filtering():
@@ -766,7 +767,7 @@ def _manifest():
 @pytest.mark.parametrize("entry", _manifest())
 def test_real_data_matches_manifest(entry):
     name, n, g, k, sizes = entry
-    ds = datasets.load(DATA / name)
+    ds = formats.load(DATA / name)
     assert ds.counts.shape == (n, g) and sp.isspmatrix_csr(ds.counts)
     assert len(ds.label_names) == k and ds.labels.shape == (n,)
     assert sorted(np.bincount(ds.labels)) == sizes
@@ -777,7 +778,7 @@ def test_real_data_matches_manifest(entry):
 def test_real_h5ad_equals_h5():
     if not (DATA / "Baron_mouse.h5ad").exists():
         pytest.skip(f"{DATA} is absent")
-    a, b = datasets.load(DATA / "Baron_mouse.h5ad"), datasets.load(DATA / "Baron_mouse.h5")
+    a, b = formats.load(DATA / "Baron_mouse.h5ad"), formats.load(DATA / "Baron_mouse.h5")
     assert a.counts.shape == (1886, 14878) and len(a.label_names) == 13
     assert (a.counts != b.counts).nnz == 0
     np.testing.assert_array_equal(a.label_names[a.labels], b.label_names[b.labels])
@@ -2665,7 +2666,7 @@ def test_plot_draws_three_pngs(tmp_path, capsys):
 def test_plot_without_matplotlib_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     for name in ["matplotlib", *(m for m in sys.modules if m.startswith("matplotlib."))]:
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    monkeypatch.setattr(datasets, "load", lambda *args, **kw: pytest.fail("read the file"))
+    monkeypatch.setattr(formats, "load", lambda *args, **kw: pytest.fail("read the file"))
     code, out = _plot_run(tmp_path)
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err.splitlines()
@@ -2728,7 +2729,7 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
             == f"{exact['metrics']['ari']:.3f} ± 0.000")
     assert _row(results, "| | k-means, 50 PCs |")[2] == "1"
     assert _row(results, "| | k-means, 50 PCs, 100 restarts |")[2] == "1"
-    prepared = datasets.preprocess(datasets.load(data / "a.h5"))
+    prepared = datasets.preprocess(formats.load(data / "a.h5"))
     start = clustering.spectral_clustering(datasets.knn_graph(prepared.x), 3, seed=0)
     assert (_row(results, "| | spectral clustering of A (the paper's phase-2 start) |")[5]
             == f"{clustering.ari(prepared.labels, start):.3f} ± 0.000")
@@ -2870,7 +2871,7 @@ def test_unreadable_file_is_one_line(capsys, tmp_path, name, write, message):
     write(tmp_path / name)
     assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3"))
     with pytest.raises(ValueError, match=message):  # the same line from the Python API
-        datasets.load(tmp_path / name)
+        formats.load(tmp_path / name)
 
 
 def _cellranger_toy(path, change=None):
@@ -2950,7 +2951,7 @@ def test_bad_file_of_a_new_layout_is_one_line(capsys, tmp_path, monkeypatch, nam
     write(tmp_path / name)
     assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3", *flags))
     with pytest.raises(ValueError, match=message):
-        datasets.load(tmp_path / name, **keywords)
+        formats.load(tmp_path / name, **keywords)
 
 
 def test_file_without_read_permission_is_one_line(capsys, tmp_path, monkeypatch):
@@ -2959,7 +2960,7 @@ def test_file_without_read_permission_is_one_line(capsys, tmp_path, monkeypatch)
     def refuse(path):  # what open() raises for a file we may not read (root may read any file)
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(datasets, "_open_text", refuse)
+    monkeypatch.setattr(formats, "_open_text", refuse)
     err = _refused(capsys, tmp_path, tmp_path / "locked.csv", "--clusters", "3")
     assert "locked.csv: permission denied" in err
 
@@ -3080,7 +3081,7 @@ def test_reproduce_k_counts_the_label_classes_not_the_missing_labels(tmp_path):
 def test_load_keeps_cells_without_a_label_as_minus_1(tmp_path, how):
     path = tmp_path / ("toy.h5ad" if how.startswith("categorical") else "toy.h5")
     _with_missing_labels(path, how)
-    ds = datasets.load(path)
+    ds = formats.load(path)
     _, labels = _toy()
     assert ds.counts.shape == (30, 12) and list(ds.label_names) == ["alpha", "beta", "delta"]
     np.testing.assert_array_equal(ds.labels == -1, MISSING)
@@ -3089,7 +3090,7 @@ def test_load_keeps_cells_without_a_label_as_minus_1(tmp_path, how):
 
 def test_a_file_whose_labels_are_all_missing_is_unlabelled(tmp_path):
     x, _ = _toy()
-    ds = datasets.load(_write(tmp_path / "toy.h5", X=x, Y=_strings(["NA"] * 30)))
+    ds = formats.load(_write(tmp_path / "toy.h5", X=x, Y=_strings(["NA"] * 30)))
     assert ds.labels is None and ds.label_names is None
 
 
