@@ -40,7 +40,8 @@ SCTCM = Path(__file__).resolve().with_name("sctcm.py")
 VARIANTS = {  # the runs and the flags that make them
     "full": [],  # the defaults, Table 1 and Table 2
     "paper start": ["--init", "spectral"],  # Table 1: phi^c from spectral clustering of A
-    "merge start": ["--init", "merge"],  # Table 1: the lowest-inertia restart merged (until 2026-12)
+    # Table 1: the lowest-inertia restart merged (the default until 2026-12)
+    "merge start": ["--init", "merge"],
     "consensus start": ["--init", "consensus"],  # Table 1: what the merges of every restart share
     "exact losses": ["--losses", "exact"],  # Table 1: every cell and pair each epoch
     "sampled losses": ["--losses", "sampled"],  # Table 1: sampled also below batch_size cells
@@ -233,11 +234,11 @@ def fig2(out, stem, seed):
 
 
 def benchmark(path, n_clusters, repeats=3, **config):
-    """Where an epoch's time goes (README, "Many cells") on the count matrix at path, with the defaults (or config):
-    seconds of forward + backward of the encoder (Eq. 1), the feature head with the ZINB loss
-    (Eq. 3), the structure loss (Eq. 2) and the clustering loss (Eqs. 5-7) on the Batch of one
-    epoch; a phase-1 evaluation (codes, k-means with 3 restarts, ID/LID, scores) divided by
-    eval_every; and a whole phase-1 epoch (forward, backward, Adam step)."""
+    """Where an epoch's time goes (README, "Many cells") on the count matrix at path, with the
+    defaults (or config): seconds of forward + backward of the encoder (Eq. 1), the feature head
+    with the ZINB loss (Eq. 3), the structure loss (Eq. 2) and the clustering loss (Eqs. 5-7) on
+    the Batch of one epoch; a phase-1 evaluation (codes, k-means with 3 restarts, ID/LID,
+    scores) divided by eval_every; and a whole phase-1 epoch (forward, backward, Adam step)."""
     config = sctcm.Config(**config)
     prepared, adjacency = sctcm.prepare(formats.load(path), n_clusters, config)
     data, sampler, model = sctcm.setup(prepared, adjacency, config)

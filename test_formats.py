@@ -27,7 +27,8 @@ from test_sctcm import (QUICK, REPO, _cli, _refused, _strings, _toy, _toy_csv, _
 DATA = REPO.parent / "shared" / "data"
 
 
-# ---------------------------------------------------------------- each layout, read (each new one against the same counts written as X/Y)
+# ---------------------------------------------------------------- each layout, read
+# (each new layout against the same counts written as X/Y: _assert_same_as_xy)
 
 
 def _write_csr_group(group, x):
@@ -149,7 +150,8 @@ def test_load_10x_genes_tsv(tmp_path):
 def test_load_csv_tsv(tmp_path, name, sep, corner):
     x, _ = _toy()
     header = ([""] if corner else []) + [f"g{j}" for j in range(x.shape[1])]
-    lines = [sep.join(header)] + [sep.join([f"c{i}"] + [str(v) for v in row]) for i, row in enumerate(x)]
+    lines = [sep.join(header)] + [sep.join([f"c{i}"] + [str(v) for v in row])
+                                  for i, row in enumerate(x)]
     text = "\n".join(lines) + "\n"
     path = tmp_path / name
     path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
@@ -339,8 +341,8 @@ def _write_loom(path, x, genes, cells, labels=None, layers=None):
         cols.create_dataset("CellID", data=np.array(cells, dtype=object), dtype=text)
         if labels is not None:
             cols.create_dataset("ClusterName", data=np.array(labels, dtype=object), dtype=text)
-        cols.create_dataset("Clusters", data=np.unique(labels, return_inverse=True)[1] if labels is not None
-                            else np.zeros(len(cells), int))
+        cols.create_dataset("Clusters", data=np.unique(labels, return_inverse=True)[1]
+                            if labels is not None else np.zeros(len(cells), int))
         f.create_group("col_graphs")
         f.create_group("row_graphs")
     return path
@@ -387,8 +389,8 @@ def _synthetic_counts(n_cells=240, n_genes=120):
 ORIENTATION_EVIDENCE = [  # (counts, gene names, cell names, what the note gives as the reason)
     (_toy()[0], [f"ENSMUSG{j:011d}" for j in range(12)], [f"cell{i}" for i in range(30)],
      "names look like gene ids or mitochondrial genes"),
-    (_toy()[0], ["Actb", "MT-CO1", "mt-Nd4l", *[f"Gm{j}" for j in range(9)]], [f"cell{i}" for i in range(30)],
-     "names look like gene ids or mitochondrial genes"),
+    (_toy()[0], ["Actb", "MT-CO1", "mt-Nd4l", *[f"Gm{j}" for j in range(9)]],
+     [f"cell{i}" for i in range(30)], "names look like gene ids or mitochondrial genes"),
     (_toy()[0], [f"Gene{j}" for j in range(12)], _barcodes(30), "names look like cell barcodes"),
     (_synthetic_counts()[0], [f"r{j}" for j in range(120)], [f"c{i}" for i in range(240)],
      "times wider, as genes' do"),
@@ -401,8 +403,8 @@ def test_load_tells_which_way_a_table_lies_and_says_so(tmp_path, x, genes, cells
     from_r = formats.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells))  # genes x cells
     _assert_same_as_xy(from_r, tmp_path, x, genes=genes, cells=cells)
     [note] = from_r.notes
-    assert note.startswith(f"{tmp_path / 'from_r.csv'}: read the rows of the table as genes and its "
-                           "columns as cells (")
+    assert note.startswith(f"{tmp_path / 'from_r.csv'}: read the rows of the table as genes and "
+                           "its columns as cells (")
     assert reason in note and note.endswith("; --no-transpose reads them the other way")
     as_is = formats.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes))  # cells x genes
     _assert_same_as_xy(as_is, tmp_path, x, genes=genes, cells=cells)
@@ -422,7 +424,8 @@ def test_load_transpose_says_which_way_a_table_lies(tmp_path):
     _assert_same_as_xy(flipped, tmp_path, x.T, genes=cells, cells=genes)
     assert flipped.notes == [] and formats.load(path, transpose=False).notes == []
     counts, _ = _synthetic_counts()
-    path = _write(tmp_path / "genes_by_cells.h5", X=counts.T)  # no labels, no names: the counts decide
+    # no labels, no names: the counts decide
+    path = _write(tmp_path / "genes_by_cells.h5", X=counts.T)
     ds = formats.load(path)
     assert ds.counts.shape == (240, 120) and "read the rows of X as genes" in ds.notes[0]
     assert formats.load(path, transpose=False).counts.shape == (120, 240)
@@ -442,7 +445,8 @@ def _write_label_file(path, names, labels, header=("barcode", "cell_type")):
 
 
 @pytest.mark.parametrize("name, header", [("annotation.csv", ("barcode", "cell_type")),
-                                          ("annotation.tsv.gz", None), ("annotation.txt", ("", "type"))])
+                                          ("annotation.tsv.gz", None),
+                                          ("annotation.txt", ("", "type"))])
 def test_load_label_file_matches_cells_by_name(tmp_path, name, header):
     x, labels = _toy()
     genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
@@ -472,7 +476,8 @@ def test_label_file_replaces_the_files_labels_and_label_key_picks_its_column(tmp
     ds = formats.load(path, labels=table, label_key="batch")
     np.testing.assert_array_equal(ds.label_names[ds.labels], batch)
     assert ds.notes == [f"{table}: labels for 30 of 30 cells (not the file's own)"]
-    with pytest.raises(ValueError, match=r"obs\.csv: 4 columns \(, n_genes, batch, cell_type, \.\.\.\)"):
+    with pytest.raises(ValueError,
+                       match=r"obs\.csv: 4 columns \(, n_genes, batch, cell_type, \.\.\.\)"):
         formats.load(path, labels=table)
 
 
@@ -482,8 +487,9 @@ def test_label_file_tells_which_way_a_table_lies(tmp_path):
     table = _write_label_file(tmp_path / "labels.csv", cells, labels)
     from_r = formats.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells), labels=table)
     _assert_same_as_xy(from_r, tmp_path, x, labels, genes, cells)
-    assert from_r.notes == [f"{tmp_path / 'from_r.csv'}: transposed the table to 30 cells x 12 genes: "
-                            "the label file names its columns", f"{table}: labels for 30 of 30 cells"]
+    assert from_r.notes == [f"{tmp_path / 'from_r.csv'}: transposed the table to 30 cells x 12 "
+                            "genes: the label file names its columns",
+                            f"{table}: labels for 30 of 30 cells"]
     as_is = formats.load(_write_r_csv(tmp_path / "cells.csv", x, cells, genes), labels=table)
     _assert_same_as_xy(as_is, tmp_path, x, labels, genes, cells)
     assert as_is.notes == [f"{table}: labels for 30 of 30 cells"]
@@ -641,9 +647,11 @@ UNREADABLE = [  # (file, how to write it, what its one line says)
     ("folder.h5", lambda p: p.mkdir(), r"folder\.h5: a folder where a file is expected"),
     ("strings.h5", lambda p: _write(p, X=_strings([["1", "2"], ["3", "4"]])),
      r"strings\.h5: X holds non-numeric values"),
-    ("compound.h5", lambda p: _write(p, X=_toy()[0], Y=np.zeros(30, dtype=[("a", "i8"), ("b", "f8")])),
+    ("compound.h5",
+     lambda p: _write(p, X=_toy()[0], Y=np.zeros(30, dtype=[("a", "i8"), ("b", "f8")])),
      r"compound\.h5: /Y is not an array of numbers or strings"),
-    ("float_indices.h5", _float_indices, r"float_indices\.h5: group X: indices and indptr must be integers"),
+    ("float_indices.h5", _float_indices,
+     r"float_indices\.h5: group X: indices and indptr must be integers"),
     ("empty.csv", lambda p: p.write_text(""), r"empty\.csv: empty file"),
     ("header.csv", lambda p: p.write_text("cell,g0,g1\n"), r"header\.csv: no data rows"),
     ("latin1.csv", lambda p: p.write_bytes("cell,gène\nc0,1\n".encode("latin-1")),
@@ -654,7 +662,8 @@ UNREADABLE = [  # (file, how to write it, what its one line says)
      r"bad_crc\.csv\.gz: not a valid gzip file \(CRC check failed"),
     ("plain.csv.gz", lambda p: p.write_text(_toy_csv()), r"plain\.csv\.gz: not a valid gzip file"),
     ("cut_10x", lambda p: _tenx(p, "matrix"), r"matrix\.mtx\.gz: the compressed stream ends early"),
-    ("folder_10x", lambda p: _tenx(p, "barcodes"), r"barcodes\.tsv\.gz: a folder where a file is expected"),
+    ("folder_10x", lambda p: _tenx(p, "barcodes"),
+     r"barcodes\.tsv\.gz: a folder where a file is expected"),
 ]
 
 
@@ -696,23 +705,24 @@ def _drop(path, key):
 
 
 BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one line says)
-    ("cut_cellranger.h5", lambda p: (_cellranger_toy(p), p.write_bytes(_half(p.read_bytes()))), [], {},
-     r"cut_cellranger\.h5: truncated"),
+    ("cut_cellranger.h5", lambda p: (_cellranger_toy(p), p.write_bytes(_half(p.read_bytes()))),
+     [], {}, r"cut_cellranger\.h5: truncated"),
     ("antibodies.h5", lambda p: _cellranger_toy(p, _only_antibodies), [], {},
      r"antibodies\.h5: no Gene Expression features \(it holds 12 Antibody Capture\)"),
     ("no_barcodes.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("barcodes")), [], {},
      r"no_barcodes\.h5: /matrix/barcodes is missing"),
-    ("no_names.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("features/name")), [], {},
-     r"no_names\.h5: /matrix/features/name is missing"),
+    ("no_names.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("features/name")),
+     [], {}, r"no_names\.h5: /matrix/features/name is missing"),
     ("spliced.h5ad", lambda p: _write_processed_h5ad(p, *_toy()), ["--layer", "spliced"],
      dict(layer="spliced"), r"spliced\.h5ad: no layer 'spliced' \(it has counts, lognorm\)"),
     ("in_raw.h5ad", lambda p: _write_processed_h5ad(p, *_toy(), counts_in="raw"), [], {},
-     r"in_raw\.h5ad: \d+ non-integer counts in X \(raw counts expected, not normalised or log data\); "
-     r"--layer NAME reads the raw counts from one of its layers \(lognorm, raw\)"),
+     r"in_raw\.h5ad: \d+ non-integer counts in X \(raw counts expected, not normalised or log "
+     r"data\); --layer NAME reads the raw counts from one of its layers \(lognorm, raw\)"),
     ("lognorm.h5ad", lambda p: _write_processed_h5ad(p, *_toy()), ["--layer", "lognorm"],
      dict(layer="lognorm"), r"lognorm\.h5ad: \d+ non-integer counts in layers/lognorm"),
     ("no_matrix.loom",
-     lambda p: _drop(_write_loom(p, _toy()[0], [f"g{j}" for j in range(12)], _barcodes(30)), "matrix"),
+     lambda p: _drop(_write_loom(p, _toy()[0], [f"g{j}" for j in range(12)], _barcodes(30)),
+                     "matrix"),
      [], {}, r"no_matrix\.loom: /matrix is missing"),
     ("xy_layer.h5", lambda p: _write(p, X=_toy()[0]), ["--layer", "counts"], dict(layer="counts"),
      r"xy_layer\.h5: a layer \(counts\) is for AnnData and loom files"),
@@ -723,12 +733,14 @@ BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one 
     ("one_column.h5", lambda p: _with_labels(p, "c0\nc1\n"), LABELS, dict(labels="labels.csv"),
      r"labels\.csv: one column; a label file has two, cell name and label"),
     ("three_columns.h5", lambda p: _with_labels(p, "cell,type,batch\nc0,a,1\n"), LABELS,
-     dict(labels="labels.csv"), r"labels\.csv: 3 columns \(cell, type, batch, \.\.\.\); name the one"),
+     dict(labels="labels.csv"),
+     r"labels\.csv: 3 columns \(cell, type, batch, \.\.\.\); name the one"),
     ("unmatched.h5", lambda p: _with_labels(p, "cell,type\nc0,a\nc1,b\nc2,a\n"), LABELS,
      dict(labels="labels.csv"),
      r"labels\.csv: none of its 3 names is a cell of the count matrix \(its first: 'c0'; the first "
      r"cell: '[ACGT]{16}-1'\)"),
-    ("nameless.h5", lambda p: (_write(p, X=_toy()[0]), (p.parent / "labels.csv").write_text("c0,a\n")),
+    ("nameless.h5",
+     lambda p: (_write(p, X=_toy()[0]), (p.parent / "labels.csv").write_text("c0,a\n")),
      LABELS, dict(labels="labels.csv"), r"labels\.csv: the count matrix has no cell names"),
     ("unlabelled.h5", _cellranger_toy, ["--labels", "nothing.csv"], dict(labels="nothing.csv"),
      r"nothing\.csv: no such label file"),
@@ -737,11 +749,12 @@ BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one 
 
 @pytest.mark.parametrize("name, write, flags, keywords, message", BAD_LAYOUTS,
                          ids=[b[0] for b in BAD_LAYOUTS])
-def test_bad_file_of_a_new_layout_is_one_line(capsys, tmp_path, monkeypatch, name, write, flags, keywords,
-                                              message):
+def test_bad_file_of_a_new_layout_is_one_line(capsys, tmp_path, monkeypatch, name, write, flags,
+                                              keywords, message):
     monkeypatch.chdir(tmp_path)  # label files are named relative to it
     write(tmp_path / name)
-    assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3", *flags))
+    assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3",
+                                       *flags))
     with pytest.raises(ValueError, match=message):
         formats.load(tmp_path / name, **keywords)
 
@@ -791,8 +804,8 @@ def _manifest():
     sizes = {name: sorted(int(v) for v in counts.split(","))
              for name, counts in re.findall(r"^- (\S+): ([\d, ]+)", text, re.M)}
     rows = []
-    for first, second, n, g, k in re.findall(r"^\| `([^`]+)`(?: / `([^`]+)`)? \| (\d+) \| (\d+) \| (\d+) \|",
-                                             text, re.M):
+    for first, second, n, g, k in re.findall(
+            r"^\| `([^`]+)`(?: / `([^`]+)`)? \| (\d+) \| (\d+) \| (\d+) \|", text, re.M):
         stem = first.split(".")[0]
         for name in [first] + ([stem + second] if second else []):
             rows.append(pytest.param((name, int(n), int(g), int(k), sizes.get(stem)), id=name))
@@ -821,10 +834,11 @@ def test_real_h5ad_equals_h5():
     np.testing.assert_array_equal(a.gene_names, b.gene_names)
 
 
-# ---------------------------------------------------------------- the command line on each new layout
+# ---------------------------------------------------------------- each layout on the command line
 
 
-E2E_GENES, E2E_CELLS = [f"g{j}" for j in range(60)], [f"c{i}" for i in range(120)]  # _write_h5ad's names
+# _write_h5ad's names
+E2E_GENES, E2E_CELLS = [f"g{j}" for j in range(60)], [f"c{i}" for i in range(120)]
 
 
 E2E_LAYOUTS = {  # name: (how to write the counts x and labels y into folder d -> file, its flags)
@@ -858,6 +872,7 @@ def test_cli_clusters_a_new_layout_as_the_same_counts_written_as_x_and_y(tmp_pat
                            "--out", str(tmp_path / name), *QUICK.split()]) == 0
         runs[name] = ((tmp_path / name / "labels.csv").read_text(),
                       json.loads((tmp_path / name / "summary.json").read_text())["metrics"])
-    assert runs[layout][0] == runs["reference"][0]  # the same cells, named the same, in the same clusters
+    # the same cells, named the same, in the same clusters
+    assert runs[layout][0] == runs["reference"][0]
     if layout != "r_csv_transpose":  # labelled: the same scores
         assert runs[layout][1] == runs["reference"][1]

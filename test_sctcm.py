@@ -95,7 +95,8 @@ def test_preprocess_by_hand():
                        [3, 0, 1, 0],
                        [0, 0, 0, 0],
                        [3, 6, 3, 0]])
-    p = datasets.preprocess(datasets.Dataset(counts=counts, labels=np.array([0, 1, 1, 0]), name="toy"))
+    p = datasets.preprocess(datasets.Dataset(counts=counts, labels=np.array([0, 1, 1, 0]),
+                                             name="toy"))
     np.testing.assert_array_equal(p.cells, [0, 1, 3])
     np.testing.assert_array_equal(p.genes, [0, 1, 2])
     np.testing.assert_array_equal(p.labels, [0, 1, 0])
@@ -127,9 +128,10 @@ def test_preprocess_clips_scaled_values_at_10():
 
 
 def test_preprocess_finds_the_variable_genes():
-    # 2000 flat negative-binomial genes (theta = 5, so var/mean = 1 + mu/5 grows with the mean: plain
-    # var/mean would pick the most expressed of them) and 5 bimodal genes (off in half of the cells)
-    # of middling mean, which stand out only against the genes of their own bin of mean expression
+    # 2000 flat negative-binomial genes (theta = 5, so var/mean = 1 + mu/5 grows with the mean:
+    # plain var/mean would pick the most expressed of them) and 5 bimodal genes (off in half of
+    # the cells) of middling mean, which stand out only against the genes of their own bin of
+    # mean expression
     rng = np.random.default_rng(0)
     n, n_flat, n_var = 200, 2000, 5
     mu = np.geomspace(0.2, 500, n_flat)
@@ -144,7 +146,8 @@ def test_preprocess_finds_the_variable_genes():
 
 
 def test_normalised_dispersion_by_hand():
-    # three genes in the lowest bin with log dispersions 0, 1, 2 -> z = -1, 0, 1; one alone at the top
+    # three genes in the lowest bin with log dispersions 0, 1, 2 -> z = -1, 0, 1;
+    # one alone at the top
     mean = np.array([1.0, 1.1, 1.2, 100.0])
     var = mean * np.exp([0.0, 1.0, 2.0, 0.5])
     np.testing.assert_allclose(datasets.normalised_dispersion(mean, var), [-1, 0, 1, 1])
@@ -179,7 +182,8 @@ def test_knn_graph_on_top_pcs():
     u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
     a = datasets.knn_graph(x, k=5, n_pcs=3)
     np.testing.assert_array_equal(a.toarray(), _brute_force_graph(u[:, :3] * s[:3], 5))
-    wide = np.random.default_rng(2).normal(size=(12, 30))  # n < g: PCA through the 12 x 12 Gram matrix
+    # n < g: PCA through the 12 x 12 Gram matrix
+    wide = np.random.default_rng(2).normal(size=(12, 30))
     u, s, _ = np.linalg.svd(wide - wide.mean(0), full_matrices=False)
     np.testing.assert_array_equal(datasets.knn_graph(wide, k=3, n_pcs=4).toarray(),
                                   _brute_force_graph(u[:, :4] * s[:4], 3))
@@ -187,7 +191,8 @@ def test_knn_graph_on_top_pcs():
 
 def _gaussian_mixture(n, dim, centres, seed):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(centres, dim))[rng.integers(centres, size=n)] * 3 + rng.normal(size=(n, dim))
+    return (rng.normal(size=(centres, dim))[rng.integers(centres, size=n)] * 3
+            + rng.normal(size=(n, dim)))
 
 
 def test_approximate_neighbours_find_most_true_neighbours():
@@ -259,7 +264,8 @@ def test_synthetic_is_deterministic_labelled_counts():
 def test_hard_demo_is_the_easy_one_with_three_times_the_latent_noise():
     easy, hard = (datasets.synthetic(**datasets.DEMOS[name]) for name in ("easy", "hard"))
     np.testing.assert_array_equal(easy.counts, datasets.synthetic().counts)
-    np.testing.assert_array_equal(hard.counts, datasets.synthetic(noise=3 * datasets.SYN_NOISE).counts)
+    np.testing.assert_array_equal(hard.counts,
+                                  datasets.synthetic(noise=3 * datasets.SYN_NOISE).counts)
     np.testing.assert_array_equal(hard.labels, easy.labels)  # the same cells and types
     assert hard.counts.shape == (1500, 1000) and not np.array_equal(hard.counts, easy.counts)
 
@@ -691,7 +697,8 @@ def test_modularity_matches_the_pairwise_sum_and_two_cliques():
         assert clustering.modularity(a, groups, resolution) == pytest.approx(
             _pairwise_modularity(a, groups, resolution), rel=1e-12)
     cliques = sp.block_diag([np.ones((5, 5)) - np.eye(5)] * 2).tocsr()
-    assert clustering.modularity(cliques, np.repeat([0, 1], 5)) == pytest.approx(0.5)  # 1 - 2 (1/2)^2
+    # 1 - 2 (1/2)^2
+    assert clustering.modularity(cliques, np.repeat([0, 1], 5)) == pytest.approx(0.5)
 
 
 def _greedy_merges(a, over, k, resolution):
@@ -2254,7 +2261,8 @@ def test_settings_at_the_ends_of_their_ranges_are_accepted():
     (["--demo", "--layer", "counts"], "--layer is about a file's contents"),
     (["--demo", "--no-transpose"], "--transpose is about a file's contents"),
     (["--demo", "--labels", "labels.csv"], "--labels is about a file's contents"),
-    (["toy.csv", "--clusters", "3", "--label-key", "cell_type"], "toy.csv: a label key (cell_type)"),
+    (["toy.csv", "--clusters", "3", "--label-key", "cell_type"],
+     "toy.csv: a label key (cell_type)"),
 ])
 def test_meaningless_flags_are_refused(capsys, tmp_path, monkeypatch, args, message):
     (tmp_path / "toy.csv").write_text(_toy_csv())
@@ -2304,7 +2312,8 @@ def test_cli_clusters_every_cell_and_scores_those_with_a_label(capsys, tmp_path)
     data = datasets.synthetic(n_cells=120, n_genes=60, n_clusters=3, seed=0)
     keep = np.arange(120) % 10 > 0
     path, out = tmp_path / "part.h5", tmp_path / "out"
-    _write(path, X=np.asarray(data.counts), Y=_strings(np.where(keep, data.labels.astype(str), "NA")))
+    _write(path, X=np.asarray(data.counts),
+           Y=_strings(np.where(keep, data.labels.astype(str), "NA")))
     assert sctcm.main([str(path), "--clusters", "3", "--out", str(out), *QUICK.split()]) == 0
     assert "scored 108 of 120 cells with labels" in capsys.readouterr().out
     pred = np.loadtxt(out / "labels.csv", delimiter=",", skiprows=1, usecols=1)
