@@ -7,8 +7,8 @@ loss (Eqs. 5-7), an overclustering loss (Eqs. 8-10) and an adversarial loss on d
 convex combinations of latent codes (Eqs. 11-13), stopped when the mean intrinsic
 dimension of the clusters reaches their linear intrinsic dimension (Fig. 2). The standard
 algorithms it starts from and is judged by (k-means, spectral clustering, the merge start,
-the scores) are in clustering.py, the pictures in plots.py, reading and preprocessing in
-datasets.py.
+the scores) are in clustering.py, the pictures in plots.py, preprocessing in datasets.py,
+reading files and writing the output folder in formats.py.
 
     python sctcm.py --demo
     python sctcm.py data.h5 --clusters 9 --out results --plot
@@ -481,7 +481,8 @@ class Adversary:
 
     def inputs(self, out, members):
         """The Samples of one step, or None when no cluster has m reliable cells.
-        out: the epoch's Pass; members: reliable cells per cluster (C_k intersected with Omega_c)."""
+        out: the epoch's Pass; members: reliable cells per cluster (C_k intersected with
+        Omega_c)."""
         config, features, device = self.config, self.model.features, out.z.device
         drawn = draw_combinations(members, config.m_cvx, config.n_cvx, self.rng)
         if drawn is None:
