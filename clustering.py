@@ -134,7 +134,8 @@ def merge_overclusters(a, over, k, resolution=0.5):
     repeatedly merge the two groups whose union raises the modularity Q (see `modularity`)
     most, or lowers it least, until k are left. A resolution below 1 lets large groups merge
     sooner than Q itself would.
-    a: (n, n) scipy sparse adjacency; over: (n,) overcluster of each cell -> labels (n,) in 0..k-1."""
+    a: (n, n) scipy sparse adjacency; over: (n,) overcluster of each cell -> labels (n,) in
+    0..k-1."""
     over = np.unique(over, return_inverse=True)[1]
     if over.max() + 1 < k:
         raise ValueError(f"cannot merge {over.max() + 1} overclusters into {k} clusters")
@@ -173,7 +174,7 @@ def agreement_groups(partitions):
 
 def _contingency(y, pred):
     """Counts n_ij of cells with true class i and predicted cluster j. A cell whose label is
-    missing (negative; datasets.load writes -1) is left out, here and so in every metric."""
+    missing (negative; formats.load writes -1) is left out, here and so in every metric."""
     y, pred = np.asarray(y), np.asarray(pred)
     _, yi = np.unique(y[y >= 0], return_inverse=True)
     _, pj = np.unique(pred[y >= 0], return_inverse=True)

@@ -17,8 +17,6 @@ References
 - Mrabah, Amar, Bouguessa, Diallo. Toward convex manifolds: a geometric perspective for deep
   graph clustering of single-cell RNA-seq data. IJCAI 2023 (Fig. 2, Sec. 3.2).
 """
-import time
-
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -92,28 +90,3 @@ def cluster_geometry(z, labels, min_size=20, max_size=5000):
     if not ids:
         return float("nan"), float("nan")
     return float(np.mean(ids)), float(np.mean(lids))
-
-
-def _benchmark(n=50_000, dim=15):
-    """Time of twonn_id and pca_lid on n points in R^dim: a swiss roll (ID 2) and a 6-d
-    Gaussian (ID 6) linearly embedded, like latent codes, then an isotropic Gaussian (ID = dim),
-    the worst case of a k-d tree (exact nearest neighbours in high intrinsic dimension: about
-    half a minute on 2 cores)."""
-    rng = np.random.default_rng(0)
-    t = rng.uniform(1.5 * np.pi, 4.5 * np.pi, n)
-    roll = np.column_stack([t * np.cos(t), rng.uniform(0, 21, n), t * np.sin(t)])
-    cases = [("swiss roll, ID 2", roll @ rng.normal(size=(3, dim))),
-             ("Gaussian, ID 6", rng.normal(size=(n, 6)) @ rng.normal(size=(6, dim))),
-             (f"Gaussian, ID {dim}", rng.normal(size=(n, dim)))]
-    for name, z in cases:
-        start = time.perf_counter()
-        intrinsic = twonn_id(z)
-        middle = time.perf_counter()
-        linear = pca_lid(z)
-        end = time.perf_counter()
-        print(f"{n} points in R^{dim}, {name:16s} twonn_id {middle - start:6.2f} s "
-              f"(ID {intrinsic:5.2f})   pca_lid {end - middle:5.2f} s (LID {linear})", flush=True)
-
-
-if __name__ == "__main__":
-    _benchmark()

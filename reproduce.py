@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import datasets
+import formats
 import geometry
 import sctcm
 from clustering import ari, centroid_ari, kmeans, scores, spectral_clustering
@@ -39,7 +40,8 @@ SCTCM = Path(__file__).resolve().with_name("sctcm.py")
 VARIANTS = {  # the runs and the flags that make them
     "full": [],  # the defaults, Table 1 and Table 2
     "paper start": ["--init", "spectral"],  # Table 1: phi^c from spectral clustering of A
-    "merge start": ["--init", "merge"],  # Table 1: the lowest-inertia restart merged (until 2026-12)
+    # Table 1: the lowest-inertia restart merged (the default until 2026-12)
+    "merge start": ["--init", "merge"],
     "consensus start": ["--init", "consensus"],  # Table 1: what the merges of every restart share
     "exact losses": ["--losses", "exact"],  # Table 1: every cell and pair each epoch
     "sampled losses": ["--losses", "sampled"],  # Table 1: sampled also below batch_size cells
@@ -68,7 +70,7 @@ def labelled_files(folder, stems=None):
     """The .h5 / .h5ad files of folder that carry labels, as (stem, path, K, dataset); an .h5ad
     file with the same stem as an .h5 file is taken to be the same data and skipped. stems: read
     only the files with these stems (default: all). K counts the label classes, not the cells
-    whose label is missing. A file that cannot be read raises datasets.load's one-line error."""
+    whose label is missing. A file that cannot be read raises formats.load's one-line error."""
     try:
         paths = sorted(p for p in Path(folder).iterdir() if p.suffix in (".h5", ".h5ad"))
     except OSError as err:
@@ -78,7 +80,7 @@ def labelled_files(folder, stems=None):
     for path in paths:
         if (path.suffix == ".h5ad" and path.stem in h5_stems) or (stems and path.stem not in stems):
             continue
-        dataset = datasets.load(path)
+        dataset = formats.load(path)
         if dataset.labels is not None:
             found.append((path.stem, path, len(dataset.label_names), dataset))
     return found
@@ -232,13 +234,13 @@ def fig2(out, stem, seed):
 
 
 def benchmark(path, n_clusters, repeats=3, **config):
-    """Where an epoch's time goes (README, "Many cells") on the count matrix at path, with the defaults (or config):
-    seconds of forward + backward of the encoder (Eq. 1), the feature head with the ZINB loss
-    (Eq. 3), the structure loss (Eq. 2) and the clustering loss (Eqs. 5-7) on the Batch of one
-    epoch; a phase-1 evaluation (codes, k-means with 3 restarts, ID/LID, scores) divided by
-    eval_every; and a whole phase-1 epoch (forward, backward, Adam step)."""
+    """Where an epoch's time goes (README, "Many cells") on the count matrix at path, with the
+    defaults (or config): seconds of forward + backward of the encoder (Eq. 1), the feature head
+    with the ZINB loss (Eq. 3), the structure loss (Eq. 2) and the clustering loss (Eqs. 5-7) on
+    the Batch of one epoch; a phase-1 evaluation (codes, k-means with 3 restarts, ID/LID,
+    scores) divided by eval_every; and a whole phase-1 epoch (forward, backward, Adam step)."""
     config = sctcm.Config(**config)
-    prepared, adjacency = sctcm.prepare(datasets.load(path), n_clusters, config)
+    prepared, adjacency = sctcm.prepare(formats.load(path), n_clusters, config)
     data, sampler, model = sctcm.setup(prepared, adjacency, config)
     n = len(prepared.x)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)

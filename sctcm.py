@@ -7,8 +7,8 @@ loss (Eqs. 5-7), an overclustering loss (Eqs. 8-10) and an adversarial loss on d
 convex combinations of latent codes (Eqs. 11-13), stopped when the mean intrinsic
 dimension of the clusters reaches their linear intrinsic dimension (Fig. 2). The standard
 algorithms it starts from and is judged by (k-means, spectral clustering, the merge start,
-the scores) are in clustering.py, the pictures in plots.py, reading and preprocessing in
-datasets.py.
+the scores) are in clustering.py, the pictures in plots.py, preprocessing in datasets.py,
+reading files and writing the output folder in formats.py.
 
     python sctcm.py --demo
     python sctcm.py data.h5 --clusters 9 --out results --plot
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import datasets
+import formats
 import geometry
 import plots
 from clustering import (agreement_groups, ari, centroid_ari, check_partition, cluster_evidence,
@@ -1197,7 +1198,7 @@ def _inputs(args, config):
                         ("--layer", args.layer), ("--transpose", args.transpose)):
         if args.demo and value is not None:
             raise ValueError(f"{flag} is about a file's contents; --demo reads no file")
-    datasets.check_out(Path(args.out), args.overwrite)
+    formats.check_out(Path(args.out), args.overwrite)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot draws with matplotlib, which is not installed (pip install "
                          "matplotlib)")
@@ -1207,8 +1208,8 @@ def _inputs(args, config):
     else:
         if args.clusters is None:
             raise ValueError("--clusters K is required with a file")
-        dataset = datasets.load(args.path, label_key=args.label_key, layer=args.layer,
-                                transpose=args.transpose, labels=args.labels)
+        dataset = formats.load(args.path, label_key=args.label_key, layer=args.layer,
+                               transpose=args.transpose, labels=args.labels)
         k = args.clusters
     prepared, adjacency = prepare(dataset, k, config)
     return dataset, prepared, adjacency, k
@@ -1260,20 +1261,20 @@ def main(argv=None):
         "dataset": dataset.name, "cells": n, "genes": g, "clusters": k,
         "metrics": result.metrics,
         "seconds": {"preprocess_and_graph": prep_seconds, "total": seconds},
-        "peak_memory_mb": datasets.peak_memory_mb(), "threads": torch.get_num_threads(),
+        "peak_memory_mb": formats.peak_memory_mb(), "threads": torch.get_num_threads(),
         "config": dataclasses.asdict(config),
         "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
                      "scipy": scipy.__version__, "torch": torch.__version__},
     }
     out = Path(args.out)
-    tmp = datasets.scratch_folder(out)
-    datasets.write_run(tmp, prepared.cell_names, result.labels, result.embedding, result.history,
-                       summary)
+    tmp = formats.scratch_folder(out)
+    formats.write_run(tmp, prepared.cell_names, result.labels, result.embedding, result.history,
+                      summary)
     pictures = []
     if args.plot:
         pictures = plots.draw(tmp, result.history, result.embedding, result.labels, prepared.labels,
                               prepared.label_names, prepared.name, result.pretrained)
-    datasets.publish(tmp, out, args.overwrite)
+    formats.publish(tmp, out, args.overwrite)
     print(f"wrote {out}/: " + " ".join(["labels.csv", "embedding.csv", "history.csv",
                                         "summary.json", *pictures]))
     return 0

@@ -30,7 +30,6 @@ References
 """
 import functools
 import math
-import time
 
 import numpy as np
 import torch
@@ -199,31 +198,3 @@ def _lgamma_terms(c, theta, lgamma_c1):
     c, theta = c[big].double(), theta[big].double()
     exact = torch.lgamma(c + 1) - torch.lgamma(c + theta) + torch.lgamma(theta)
     return out.index_copy_(0, big, exact.to(out.dtype))
-
-
-def _benchmark(n_cells=10_000, n_genes=2_000, repeats=3):
-    """Forward + backward time of zinb_nll (all three parameters trainable) on ZINB counts
-    of a cells x genes float32 matrix."""
-    gen = torch.Generator().manual_seed(0)
-    mu = torch.exp(torch.randn(n_cells, n_genes, generator=gen) - 0.5)
-    theta = torch.exp(0.5 * torch.randn(n_cells, n_genes, generator=gen) + 1.0)
-    pi = torch.sigmoid(torch.randn(n_cells, n_genes, generator=gen) - 1.5)
-    nb = np.random.default_rng(0).negative_binomial(theta.numpy(), (theta / (theta + mu)).numpy())
-    x = torch.from_numpy(nb).float() * (torch.rand(n_cells, n_genes, generator=gen) > pi)
-    print(f"zinb_nll, {n_cells} x {n_genes} float32 counts ({(x == 0).float().mean():.0%} zeros), "
-          f"{torch.get_num_threads()} threads")
-    for lgamma_x1 in (None, torch.lgamma(x + 1)):
-        for _ in range(repeats):
-            params = [a.clone().requires_grad_() for a in (mu, theta, pi)]
-            start = time.perf_counter()
-            loss = zinb_nll(x, *params, lgamma_x1=lgamma_x1)
-            middle = time.perf_counter()
-            loss.backward()
-            end = time.perf_counter()
-            print(f"  lgamma(x+1) {'given   ' if lgamma_x1 is not None else 'computed'}"
-                  f"  forward {middle - start:.3f} s  backward {end - middle:.3f} s"
-                  f"  total {end - start:.3f} s")
-
-
-if __name__ == "__main__":
-    _benchmark()
