@@ -844,21 +844,36 @@ def check_out(out, overwrite):
 
 
 def scratch_folder(out):
-    """A new hidden folder beside out, where a run writes its files before publish moves them."""
+    """A new hidden folder beside out, where a run writes its files before publish moves them;
+    with the permissions of any folder the user creates (mkdtemp's are 0700: colleagues could
+    not read the results)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    umask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    return folder
 
 
-def write_run(folder, cell_names, labels, embedding, history, summary):
-    """labels.csv (cell, cluster), embedding.csv (cell, z1..zd), history.csv (one row per
-    history dict, the union of their keys as columns) and summary.json into folder."""
-    _write_csv(folder / "labels.csv", ["cell", "cluster"], zip(cell_names, labels.tolist()))
-    header = ["cell"] + [f"z{j + 1}" for j in range(embedding.shape[1])]
-    _write_csv(folder / "embedding.csv", header,
-               ([c, *row] for c, row in zip(cell_names, embedding.tolist())))
+def write_run(folder, tables, history, summary):
+    """A run's files into folder: each of tables ({file name: {column: values}}) as a CSV file,
+    history.csv (one row per history dict, the union of their keys as columns) and
+    summary.json. A value None or NaN is written as an empty field."""
+    for name, columns in tables.items():
+        _write_csv(folder / name, list(columns), zip(*[map(_field, values)
+                                                       for values in columns.values()]))
     keys = list(dict.fromkeys(k for row in history for k in row))
     _write_csv(folder / "history.csv", keys, ([row.get(k, "") for k in keys] for row in history))
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _field(value):
+    """A CSV field: a value as csv writes it, "" for None or NaN, true/false for a boolean."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    return value
 
 
 def _write_csv(path, header, rows):
@@ -867,6 +882,105 @@ def _write_csv(path, header, rows):
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+# -- a run's .h5ad: the AnnData on-disk format (anndata >= 0.8), written with h5py
+
+def read_obs(path):
+    """The obs of an .h5ad file as (cell names, {column: values}), the columns in obs's
+    column-order: a categorical as its category names (None where one is missing), any other
+    column as its values. Reads back a run's results.h5ad without anndata."""
+    with _reading(path), h5py.File(path, "r") as f:
+        obs, columns = f["obs"], {}
+        order = [v.decode() if isinstance(v, bytes) else str(v)
+                 for v in np.atleast_1d(obs.attrs.get("column-order", []))]
+        for key in order:
+            values, categories = _obs_labels(obs, path, key, ())
+            columns[key] = values if categories is None else np.array(
+                [categories[c] if c >= 0 else None for c in values], dtype=object)
+        return _frame_index(obs, path), columns
+
+
+def write_h5ad(path, cell_names, obs, obsm, uns, categorical=()):
+    """An .h5ad file that anndata.read_h5ad reads, without X: obs, a dataframe of the columns
+    obs ({name: values}; the integer columns named in categorical become categories, -1
+    missing) indexed by cell_names; obsm ({name: (n, d) array}); uns, a nested dict of strings, numbers,
+    lists and dicts (None left out). Every element carries its encoding-type and
+    encoding-version attributes, as the format specifies; var is an empty dataframe."""
+    with h5py.File(path, "w") as f:
+        _encoding(f, "anndata", "0.1.0")
+        _write_dataframe(f.create_group("obs"), cell_names, obs, categorical)
+        _write_dataframe(f.create_group("var"), [], {}, ())
+        group = _encoding(f.create_group("obsm"), "dict", "0.1.0")
+        for name, values in obsm.items():
+            _encoding(group.create_dataset(name, data=values), "array", "0.2.0")
+        _write_element(f, "uns", uns)
+        for name in ("layers", "obsp", "varm", "varp"):
+            _encoding(f.create_group(name), "dict", "0.1.0")
+
+
+def _write_dataframe(group, index, columns, categorical):
+    """A dataframe element: _index (the row names), then each column as an array, a string
+    array or, for the names in categorical, a categorical of its whole numbers."""
+    names = list(columns)
+    _encoding(group, "dataframe", "0.2.0")
+    group.attrs["_index"] = "_index"
+    group.attrs.create("column-order", np.array(names, dtype=object), dtype=STRING)
+    _write_strings(group, "_index", index)
+    for name in names:
+        values = np.asarray(columns[name])
+        if name in categorical:
+            _write_categorical(group.create_group(name), values)
+        elif values.dtype.kind in "OUS":
+            _write_strings(group, name, values)
+        else:
+            _encoding(group.create_dataset(name, data=values), "array", "0.2.0")
+
+
+def _write_categorical(group, values):
+    """A categorical element of whole numbers: categories "0", "1", ... and their codes, -1
+    where a value is missing (negative)."""
+    categories = np.unique(values[values >= 0])
+    codes = np.where(values >= 0, np.searchsorted(categories, values), -1)
+    _encoding(group, "categorical", "0.2.0")
+    group.attrs["ordered"] = False
+    _write_strings(group, "categories", categories.astype(str))
+    _encoding(group.create_dataset("codes", data=codes.astype(np.int32)), "array", "0.2.0")
+
+
+def _write_element(parent, name, value):
+    """One element of uns: a dict (a group of elements), a string, a number, or a list (an
+    array, or a dict of its items when they are dicts or mixed)."""
+    if isinstance(value, dict):
+        group = _encoding(parent.create_group(name), "dict", "0.1.0")
+        for key, item in value.items():
+            if item is not None:
+                _write_element(group, str(key), item)
+    elif isinstance(value, str):
+        _encoding(parent.create_dataset(name, data=value, dtype=STRING), "string", "0.2.0")
+    elif isinstance(value, (bool, int, float, np.number, np.bool_)):
+        _encoding(parent.create_dataset(name, data=value), "numeric-scalar", "0.2.0")
+    elif all(isinstance(item, str) for item in value) and value:
+        _write_strings(parent, name, value)
+    elif all(isinstance(item, (bool, int, float)) for item in value) and value:
+        _encoding(parent.create_dataset(name, data=np.asarray(value)), "array", "0.2.0")
+    else:
+        _write_element(parent, name, {str(i): item for i, item in enumerate(value)})
+
+
+STRING = h5py.string_dtype()  # variable-length UTF-8, as anndata writes strings
+
+
+def _write_strings(group, name, values):
+    """A string-array element of the values written as text."""
+    values = np.array([str(v) for v in values], dtype=object)
+    _encoding(group.create_dataset(name, data=values, dtype=STRING), "string-array", "0.2.0")
+
+
+def _encoding(element, kind, version):
+    """element with the encoding-type and encoding-version attributes of the format."""
+    element.attrs["encoding-type"], element.attrs["encoding-version"] = kind, version
+    return element
 
 
 def publish(tmp, out, overwrite):

@@ -47,8 +47,8 @@ import geometry
 import plots
 from clustering import (agreement_groups, ari, centroid_ari, check_partition, cluster_evidence,
                         kept, kmeans, kmeans_restarts, lowest_inertia, merge_overclusters,
-                        most_central, pairwise_ari, scores, spectral_clustering, stability,
-                        symmetric_normalize)
+                        modularity, most_central, pairwise_ari, scores, spectral_clustering,
+                        stability, symmetric_normalize)
 from zinb import zinb_nll
 
 
@@ -755,7 +755,7 @@ LOG_KEYS = {  # history key -> its part of a log line, in the line's order
     "L_o": "L_o {L_o:.4f}",
     "L_g": "L_g {L_g:.4f}",
     "L_d": "L_d {L_d:.4f} (chance {L_d_chance:.4f})",
-    "idle": "no L_d for cluster {idle} (< m reliable)",
+    "idle": "too few confident cells in cluster {idle} (< m reliable): no pull, no L_d",
     "reliable_c": "reliable {reliable_c}/{n}",
     "ID": "ID {ID:.2f}",
     "LID": "LID {LID:.2f}",
@@ -997,6 +997,51 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
                   margin=top2[:, 0] - top2[:, 1], reliable=reliable)
 
 
+def k_criteria(z, adjacency, restarts, k, config):
+    """Label-free measures of K (README, "Choosing K") on the codes z after phase 1 and the
+    k-means restarts of its n_o overclusters -> (start at K, {criterion: value}):
+    merge_modularity, the modularity at the merges' resolution of the lowest-inertia restart
+    merged down to K (the objective the merge climbs: it peaks where merging further would
+    join groups the graph A keeps apart, and where a greedy modularity merge stops by
+    itself); agreement, the mean pairwise ARI of the ten restarts' merges (how reproducible a
+    partition into K is); kept, the share of cells whose nearest cluster mean is their own in
+    the start (how well K centres, what Eq. 5 holds, describe it)."""
+    merged = [merge_overclusters(adjacency, over, k, config.resolution)
+              for _, over, _ in restarts]
+    path = merge_overclusters(adjacency, lowest_inertia(restarts)[1], k, config.resolution)
+    start = max(merged, key=lambda partition: kept(z, partition))
+    table = pairwise_ari(merged)
+    return start, {"merge_modularity": modularity(adjacency, path, config.resolution),
+                   "agreement": float(table[~np.eye(len(merged), dtype=bool)].mean()),
+                   "kept": kept(z, start)}
+
+
+def recommend_k(rows):
+    """The recommended K of choose_k's rows: where the merge's own objective peaks
+    (merge_modularity; the smaller K on a tie)."""
+    return max(rows, key=lambda row: (row["merge_modularity"], -row["k"]))["k"]
+
+
+def choose_k(prepared, adjacency, ks, config, log=print):
+    """One phase 1 for every K of ks, then at each K the start (the consistent merge) and the
+    label-free criteria of k_criteria, and the recommended K (recommend_k) -> (rows,
+    recommended, pretrained): one row per K, with the start's scores when cells are labelled."""
+    pretrained = pretrain(prepared, adjacency, config, ks[0], log)
+    z = codes(pretrained.model, pretrained.data).cpu().numpy()
+    restarts = kmeans_restarts(z, config.n_over, seed=config.seed)
+    rows = []
+    for k in ks:
+        start, criteria = k_criteria(z, adjacency, restarts, k, config)
+        rows.append({"k": k, **criteria, **scores(prepared.labels, start)})
+        log(f"K {k:3d} | " + " | ".join(f"{key} {value:.4f}" for key, value in rows[-1].items()
+                                       if key != "k"))
+    recommended = recommend_k(rows)
+    edge = " (at the edge of the range: a wider range may peak elsewhere)" if recommended in (
+        ks[0], ks[-1]) and len(ks) > 2 else ""
+    log(f"recommended K = {recommended}: the merge's modularity peaks there{edge}")
+    return rows, recommended, pretrained
+
+
 def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print):
     """fit with `seeds` seeds (config.seed, config.seed + 1, ...) -> the Result of the run that
     agrees best with the others (clustering.most_central: a real run, not a new partition),
@@ -1064,13 +1109,18 @@ def cluster(counts, n_clusters, labels=None, log=print, seeds=1, **config):
     prepared, adjacency = prepare(dataset, n_clusters, config)
     datasets.describe(prepared, adjacency, n_clusters, log)
     result = fit_seeds(prepared, adjacency, n_clusters, config, seeds, log)
-    n = dataset.counts.shape[0]
-    return dataclasses.replace(result, **{name: aligned(getattr(result, name), prepared.cells, n)
-                                          for name in PER_CELL if getattr(result, name) is not None})
+    return aligned_result(result, prepared.cells, dataset.counts.shape[0])
 
 
 PER_CELL = ("labels", "embedding", "pretrained", "start", "confidence", "margin", "reliable",
             "stability", "baseline")  # the Result fields with one row per cell
+
+
+def aligned_result(result, cells, n):
+    """result with its per-cell arrays (PER_CELL), of the cells kept (rows `cells` of the
+    input), as n rows of the input (aligned)."""
+    return dataclasses.replace(result, **{name: aligned(getattr(result, name), cells, n)
+                                          for name in PER_CELL if getattr(result, name) is not None})
 
 
 def aligned(values, cells, n):
@@ -1146,6 +1196,9 @@ def _parser():
                            help=f"{helps[f.name]}; default {f.default}", **_flag_kind(f))
     groups["run"].add_argument("--threads", type=int, help="threads of torch and of numpy's BLAS "
                                "(>= 1); default: theirs, every core (on a busy machine try 1)")
+    groups["run"].add_argument("--seeds", type=int, default=1, help="runs, with seeds SEED, SEED "
+                               "+ 1, ...: the one that agrees best with the others is written, "
+                               "with each cell's stability (>= 1); default 1")
     return parser
 
 
@@ -1192,6 +1245,7 @@ def _inputs(args, config):
     """Check the command line, then load, preprocess and build the graph; every bad input raises
     ValueError (one line)."""
     _check_settings(args.clusters, config)
+    _check_seeds(args.seeds)
     if bool(args.demo) == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
     for flag, value in (("--label-key", args.label_key), ("--labels", args.labels),
@@ -1249,7 +1303,7 @@ def main(argv=None):
     datasets.describe(prepared, adjacency, k, print)
     prep_seconds = time.time() - start
     try:
-        result = fit(prepared, adjacency, k, config)
+        result = fit_seeds(prepared, adjacency, k, config, args.seeds)
     except FloatingPointError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
@@ -1268,16 +1322,55 @@ def main(argv=None):
     }
     out = Path(args.out)
     tmp = formats.scratch_folder(out)
-    formats.write_run(tmp, prepared.cell_names, result.labels, result.embedding, result.history,
-                      summary)
-    pictures = []
+    written = write_files(tmp, dataset, prepared, result, summary)
     if args.plot:
-        pictures = plots.draw(tmp, result.history, result.embedding, result.labels, prepared.labels,
-                              prepared.label_names, prepared.name, result.pretrained)
+        written += plots.draw(tmp, result.history, result.embedding, result.labels,
+                              prepared.labels, prepared.label_names, prepared.name,
+                              result.pretrained)
     formats.publish(tmp, out, args.overwrite)
-    print(f"wrote {out}/: " + " ".join(["labels.csv", "embedding.csv", "history.csv",
-                                        "summary.json", *pictures]))
+    print(f"wrote {out}/: " + " ".join(written))
     return 0
+
+
+DROPPED = "dropped by preprocessing: no counts"  # the note of an input cell without a cluster
+
+
+def write_files(folder, dataset, prepared, result, summary):
+    """A run's files into folder -> their names. labels.csv: one row per input cell: its
+    cluster, confidence, margin and reliable flag (Result), stability (several seeds), the
+    baseline's cluster, and a note for a cell preprocessing dropped (no cluster); embedding.csv
+    (the codes of the cells kept), centres.csv (phi^c: Eq. 5 from embedding.csv),
+    clusters.csv (metrics["clusters"]), history.csv, summary.json, and results.h5ad: the same
+    as AnnData (obs: the columns of labels.csv, the cluster and baseline as categories; obsm
+    X_sctcm: the codes, NaN for a dropped cell; uns sctcm: the summary)."""
+    n = dataset.counts.shape[0]
+    names = datasets.names_or_numbered(dataset.cell_names, "cell", n)
+    cells = aligned_result(result, prepared.cells, n)
+    kept = cells.labels >= 0
+    per_cell = {"cluster": cells.labels, "confidence": _rounded(cells.confidence),
+                "margin": _rounded(cells.margin), "reliable": cells.reliable}
+    if cells.stability is not None:
+        per_cell["stability"] = _rounded(cells.stability)
+    per_cell.update(baseline=cells.baseline, note=np.where(kept, "", DROPPED))
+    shown = {key: [None if not keep else value for keep, value in zip(kept, values.tolist())]
+             for key, values in per_cell.items()}
+    shown["note"] = per_cell["note"].tolist()
+    codes = lambda z: {f"z{j + 1}": z[:, j].tolist() for j in range(z.shape[1])}
+    rows = result.metrics["clusters"]
+    tables = {"labels.csv": {"cell": names.tolist(), **shown},
+              "embedding.csv": {"cell": prepared.cell_names.tolist(), **codes(result.embedding)},
+              "centres.csv": {"cluster": list(range(len(result.centres))),
+                              **codes(result.centres)},
+              "clusters.csv": {key: [row[key] for row in rows] for key in rows[0]}}
+    formats.write_run(folder, tables, result.history, summary)
+    formats.write_h5ad(folder / "results.h5ad", names, per_cell, {"X_sctcm": cells.embedding},
+                       {"sctcm": summary}, categorical=("cluster", "baseline"))
+    return [*tables, "history.csv", "summary.json", "results.h5ad"]
+
+
+def _rounded(values):
+    """Probabilities and shares to six significant digits (float64), for the files."""
+    return np.array([float(f"{v:.6g}") for v in np.asarray(values, dtype=np.float64)])
 
 
 if __name__ == "__main__":

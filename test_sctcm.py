@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1510,7 +1511,7 @@ def test_the_same_cells_cluster_alike_at_umi_and_smart_seq2_depth():
         assert run.history[-1]["reliable_c"] > 0
     umi, deep = (run.metrics["ari"] for run in runs)
     assert umi > 0.9 and abs(deep - umi) <= 0.05
-    assert all(run.metrics["warnings"] == [] for run in runs)
+    assert all(sctcm.run_warnings(run.history) == [] for run in runs)
 
 
 @pytest.mark.slow
@@ -1525,7 +1526,7 @@ def test_umi_counts_times_50000_train_as_the_counts_do():
     config = _tiny_config(pretrain_epochs=100, eval_every=10, max_epochs=10, min_epochs=10)
     run = sctcm.fit(prepared, adjacency, 3, config, log=lambda line: None)
     assert [row for row in run.history if row["phase"] == 1][-1]["L_A"] < np.log(2)
-    assert run.metrics["warnings"] == [] and run.metrics["ari"] > 0.9
+    assert sctcm.run_warnings(run.history) == [] and run.metrics["ari"] > 0.9
 
 
 
@@ -1934,9 +1935,11 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path):
     assert run.returncode == 0, run.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {"acc", "nmi", "ari"} <= set(summary["metrics"]) and summary["clusters"] == 3
-    assert summary["metrics"]["warnings"] == []
+    assert all(line.startswith("cluster") for line in summary["metrics"]["warnings"])  # no
+    # run warning (run_warnings); a 4-epoch phase 2 may leave a cluster without reliable cells
     labels = (tmp_path / "out" / "labels.csv").read_text().splitlines()
-    assert labels[0] == "cell,cluster" and len(labels) == 301
+    assert labels[0] == "cell,cluster,confidence,margin,reliable,baseline,note"
+    assert len(labels) == 301
     embedding = (tmp_path / "out" / "embedding.csv").read_text().splitlines()
     assert len(embedding) == 301 and len(embedding[1].split(",")) == 16
     history = (tmp_path / "out" / "history.csv").read_text().splitlines()
@@ -1987,6 +1990,7 @@ BAD_CLI = [
     (["data.h5", "--clusters", "3", "--init", "merge", "--resolution", "0"], "--resolution"),
     (["data.h5"], "--clusters K is required"),
     (["data.h5", "--clusters", "3", "--threads", "0"], "--threads"),
+    (["data.h5", "--clusters", "3", "--seeds", "0"], "--seeds must be a whole number of runs"),
     ([], "PATH or --demo"),
     (["notes.txt", "--clusters", "3"], "notes.txt"),
     (["data.h5", "--clusters", "3", "--out", "full"], "not empty"),
@@ -2038,7 +2042,8 @@ def test_cli_output_folder_empty_a_file_or_overwritten(tmp_path, monkeypatch, ca
     _cli_folder(tmp_path)
     monkeypatch.chdir(tmp_path)
     run = lambda *args: sctcm.main(["data.h5", "--clusters", "3", *QUICK.split(), *args])
-    files = ["embedding.csv", "history.csv", "labels.csv", "summary.json"]
+    files = ["centres.csv", "clusters.csv", "embedding.csv", "history.csv", "labels.csv",
+             "results.h5ad", "summary.json"]
     (tmp_path / "empty").mkdir()
     assert run("--out", "empty") == 0  # an existing empty folder is used
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == files
@@ -2110,14 +2115,117 @@ def test_cluster_gives_the_command_line_labels_for_the_same_seed(tmp_path):
     _write(tmp_path / "toy.h5", X=counts, Y=labels)
     flags = ["--clusters", "3", "--seed", "1", "--out", str(tmp_path / "out"), *QUICK.split()]
     assert sctcm.main([str(tmp_path / "toy.h5"), *flags]) == 0
-    cells = np.loadtxt(tmp_path / "out" / "labels.csv", delimiter=",", skiprows=1, dtype=str)
-    rows = [int(name.removeprefix("cell")) for name in cells[:, 0]]
+    with open(tmp_path / "out" / "labels.csv") as f:
+        cells = list(csv.DictReader(f))
     result = sctcm.cluster(counts, 3, labels=labels, seed=1, log=lambda line: None,
                            **QUICK_KEYWORDS)
-    assert sorted(set(range(240)) - set(rows)) == EMPTY_ROWS
-    assert np.array_equal(result.labels[rows], cells[:, 1].astype(int))
+    assert [row["cell"] for row in cells] == [f"cell{i}" for i in range(240)]
+    assert [i for i, row in enumerate(cells) if row["cluster"] == ""] == EMPTY_ROWS
+    assert [int(row["cluster"] or -1) for row in cells] == result.labels.tolist()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert result.metrics == summary["metrics"]
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_runs_files_give_every_input_cell_its_evidence(tmp_path):
+    """labels.csv holds every input cell: a dropped one with an empty cluster and a note; a kept
+    one with its cluster, the confidence and margin of Eq. (5) recomputed here from
+    embedding.csv and centres.csv, reliable = margin >= beta_c, and the baseline's cluster
+    (k-means on the principal components). clusters.csv counts them; results.h5ad holds the
+    same rows, read back by formats.read_obs; the folder has the user's umask permissions."""
+    counts, labels = _counts_with_empty_rows()
+    _write(tmp_path / "toy.h5", X=counts, Y=labels)
+    old = os.umask(0o027)
+    try:
+        assert sctcm.main([str(tmp_path / "toy.h5"), "--clusters", "3", "--out",
+                           str(tmp_path / "out"), *QUICK.split()]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert (out.stat().st_mode & 0o777) == 0o750
+    cells, codes = _read_csv(out / "labels.csv"), _read_csv(out / "embedding.csv")
+    centres = np.array([[float(v) for k, v in row.items() if k != "cluster"]
+                        for row in _read_csv(out / "centres.csv")])
+    z = np.array([[float(v) for k, v in row.items() if k != "cell"] for row in codes])
+    kernel = 1 / (1 + ((z[:, None] - centres[None]) ** 2).sum(2))
+    p = np.sort(kernel / kernel.sum(1, keepdims=True), axis=1)
+    kept = [row for row in cells if row["cluster"] != ""]
+    assert [row["cell"] for row in kept] == [row["cell"] for row in codes]
+    for i in EMPTY_ROWS:
+        assert cells[i]["note"] == sctcm.DROPPED and cells[i]["confidence"] == ""
+    confidence = np.array([float(row["confidence"]) for row in kept])
+    margin = np.array([float(row["margin"]) for row in kept])
+    assert np.allclose(confidence, p[:, -1], rtol=1e-5)
+    assert np.allclose(margin, p[:, -1] - p[:, -2], rtol=1e-4, atol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    history = _read_csv(out / "history.csv")
+    beta_c = float(next(row["beta_c"] for row in history if row["epoch"] == "0"))
+    reliable = np.array([row["reliable"] == "true" for row in kept])
+    assert np.array_equal(reliable, margin >= beta_c - 1e-6)
+    prepared = datasets.preprocess(datasets.from_counts(counts, labels), n_top_genes=1500)
+    baseline = clustering.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0]
+    assert [int(row["baseline"]) for row in kept] == baseline.tolist()
+    assert summary["metrics"]["baseline"]["ari_to_sctcm"] == pytest.approx(
+        clustering.ari(baseline, [int(row["cluster"]) for row in kept]))
+    sizes = {row["cluster"]: int(row["size"]) for row in _read_csv(out / "clusters.csv")}
+    assert sizes == {str(k): sum(row["cluster"] == str(k) for row in kept) for k in range(3)}
+    names, obs = formats.read_obs(out / "results.h5ad")
+    assert names.tolist() == [row["cell"] for row in cells]
+    assert [str(c) if c is not None else "" for c in obs["cluster"]] == \
+        [row["cluster"] for row in cells]
+    assert np.allclose(obs["confidence"][np.array([row["cluster"] != "" for row in cells])],
+                       confidence)
+    assert np.isnan(obs["confidence"][EMPTY_ROWS]).all()
+    assert obs["note"].tolist() == [row["note"] for row in cells]
+
+
+@pytest.mark.slow
+def test_results_h5ad_opens_in_anndata(tmp_path):
+    """When anndata is installed (it is not a dependency), read_h5ad opens the run's file: obs
+    row for row as labels.csv, obsm X_sctcm the codes, uns the summary."""
+    anndata = pytest.importorskip("anndata")
+    counts, labels = _counts_with_empty_rows()
+    _write(tmp_path / "toy.h5", X=counts, Y=labels)
+    assert sctcm.main([str(tmp_path / "toy.h5"), "--clusters", "3", "--out",
+                       str(tmp_path / "out"), *QUICK.split()]) == 0
+    adata = anndata.read_h5ad(tmp_path / "out" / "results.h5ad")
+    cells = _read_csv(tmp_path / "out" / "labels.csv")
+    assert list(adata.obs_names) == [row["cell"] for row in cells]
+    assert [str(c) if c == c else "" for c in adata.obs["cluster"]] == \
+        [row["cluster"] for row in cells]
+    assert adata.obsm["X_sctcm"].shape == (240, 4)
+    assert adata.uns["sctcm"]["clusters"] == 3
+
+
+@pytest.mark.slow
+def test_seeds_keep_the_run_that_agrees_best_and_each_cells_stability():
+    """seeds=3: the labels of the seed whose mean ARI to the other two is highest, the pairwise
+    ARI's mean and minimum, and per cell the share of runs that put it in its cluster, each run
+    matched to the kept one by the Hungarian assignment (brute force over the 3! maps here)."""
+    prepared, adjacency = _tiny_problem(seed=1)
+    config = _tiny_config(pretrain_epochs=3, max_epochs=3, min_epochs=3)
+    quiet = lambda line: None
+    runs = [sctcm.fit(prepared, adjacency, 3, dataclasses.replace(config, seed=s), log=quiet)
+            .labels for s in range(3)]
+    result = sctcm.fit_seeds(prepared, adjacency, 3, config, seeds=3, log=quiet)
+    pairs = {(i, j): _pairs_ari(runs[i], runs[j]) for i in range(3) for j in range(3) if i != j}
+    chosen = max(range(3), key=lambda i: sum(pairs[i, j] for j in range(3) if j != i))
+    assert np.array_equal(result.labels, runs[chosen])
+    agreement = result.metrics["seed_agreement"]
+    assert agreement["chosen"] == chosen and agreement["seeds"] == [0, 1, 2]
+    assert agreement["mean_ari"] == pytest.approx(np.mean(list(pairs.values())))
+    assert agreement["min_ari"] == pytest.approx(min(pairs.values()))
+    agree = np.zeros(len(runs[0]))
+    for run in runs:
+        best = max(itertools.permutations(range(3)),
+                   key=lambda perm: sum(perm[c] == r for c, r in zip(run, runs[chosen])))
+        agree += np.array([best[c] for c in run]) == runs[chosen]
+    np.testing.assert_allclose(result.stability, agree / 3)
 
 
 @pytest.mark.parametrize("k, keywords, flags", [
