@@ -904,8 +904,8 @@ def read_obs(path):
 def write_h5ad(path, cell_names, obs, obsm, uns, categorical=()):
     """An .h5ad file that anndata.read_h5ad reads, without X: obs, a dataframe of the columns
     obs ({name: values}; the integer columns named in categorical become categories, -1
-    missing) indexed by cell_names; obsm ({name: (n, d) array}); uns, a nested dict of strings, numbers,
-    lists and dicts (None left out). Every element carries its encoding-type and
+    missing) indexed by cell_names; obsm ({name: (n, d) array}); uns, a nested dict of
+    strings, numbers, lists and dicts (None left out). Every element carries its encoding-type and
     encoding-version attributes, as the format specifies; var is an empty dataframe."""
     with h5py.File(path, "w") as f:
         _encoding(f, "anndata", "0.1.0")

@@ -131,3 +131,27 @@ def plot_losses(path, history):
     for ax in axes[len(keys):]:
         ax.set_visible(False)
     fig.savefig(path, dpi=150)
+
+
+K_CRITERIA = {  # k_selection row key -> (panel title, what a higher value means)
+    "merge_modularity": ("merge modularity (the rule)", "the graph A keeps the clusters apart"),
+    "agreement": ("agreement of the ten restarts", "a partition into K is reproducible"),
+    "kept": ("kept by the centres", "K centres describe the start"),
+}
+
+
+def plot_k_selection(path, rows, recommended):
+    """The label-free criteria of choosing K (sctcm.choose_k's rows) against K, one panel each,
+    the recommended K marked, and beside them the start's ARI at each K when the cells are
+    labelled (what the criteria try to see without the labels)."""
+    keys = list(K_CRITERIA) + (["ari"] if "ari" in rows[0] else [])
+    fig = _figure(3.2 * len(keys), 3.2)
+    ks = [row["k"] for row in rows]
+    for ax, key in zip(fig.subplots(1, len(keys), sharex=True), keys):
+        title, meaning = K_CRITERIA.get(key, ("ARI of the start (labels)", "nearer the labels"))
+        ax.plot(ks, [row[key] for row in rows], marker="o", ms=4)
+        ax.axvline(recommended, color="grey", ls="--", lw=1, label=f"recommended K = {recommended}")
+        ax.set(title=title, xlabel="K", ylabel=f"higher: {meaning}")
+        ax.yaxis.label.set_size(8)
+    fig.axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=150)

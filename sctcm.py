@@ -210,6 +210,7 @@ class Result:
     reliable: np.ndarray | None = None    # margin >= beta_c at the end: the final Omega_c
     stability: np.ndarray | None = None   # with several seeds: share of runs that agree
     baseline: np.ndarray | None = None    # k-means on the principal components (fit_seeds)
+    every_k: dict | None = None           # K -> labels of a phase 2 at every K (fit_ks)
 
 
 # ---------------------------------------------------------------- Eq. (1): the GCN encoder
@@ -1042,14 +1043,14 @@ def choose_k(prepared, adjacency, ks, config, log=print):
     return rows, recommended, pretrained
 
 
-def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print):
+def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretrained=None):
     """fit with `seeds` seeds (config.seed, config.seed + 1, ...) -> the Result of the run that
     agrees best with the others (clustering.most_central: a real run, not a new partition),
     with each cell's stability (the share of the runs that put it in its cluster) and
     metrics["seed_agreement"] (the runs' pairwise ARI: mean, min, and the seed chosen). Every
     result also carries the baseline: k-means on the n_pcs principal components of the same
     preprocessed matrix (Result.baseline; metrics["baseline"]: its ARI to scTCM's partition
-    and, with labels, its scores)."""
+    and, with labels, its scores). pretrained: phase 1 of the first seed, already run."""
     if seeds > 1:
         log(f"{seeds} runs (seeds {config.seed}-{config.seed + seeds - 1}): about {seeds} times "
             "the time of one")
@@ -1058,7 +1059,8 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print):
         if seeds > 1:
             log(f"seed {config.seed + i} ({i + 1} of {seeds})")
         runs.append(fit(prepared, adjacency, n_clusters,
-                        dataclasses.replace(config, seed=config.seed + i), log=log))
+                        dataclasses.replace(config, seed=config.seed + i), log=log,
+                        pretrained=pretrained if i == 0 else None))
     partitions = [run.labels for run in runs]
     chosen = runs[most_central(partitions)]
     if seeds > 1:
@@ -1084,31 +1086,53 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print):
     return chosen
 
 
+def fit_ks(prepared, adjacency, ks, config, seeds=1, every_k=False, log=print):
+    """fit_seeds at the one K of ks, or for several: choose_k's one phase 1, its criteria and
+    recommended K, then fit_seeds at that K from the same phase 1 (metrics: k_selection, one
+    row per K, and recommended_k), and with every_k the labels of a phase 2 at each K from that
+    phase 1 too (Result.every_k)."""
+    if len(ks) == 1:
+        return fit_seeds(prepared, adjacency, ks[0], config, seeds, log)
+    log(f"choosing K among {ks[0]}-{ks[-1]}: one phase 1, then the start at each of {len(ks)} "
+        f"K (a few seconds each), then phase 2 at the recommended K"
+        + (" and at every K" if every_k else ""))
+    rows, k, pretrained = choose_k(prepared, adjacency, ks, config, log)
+    result = fit_seeds(prepared, adjacency, k, config, seeds, log, pretrained)
+    result.metrics.update(k_selection=rows, recommended_k=k)
+    if every_k:
+        result.every_k = {other: fit(prepared, adjacency, other, config, log=log,
+                                     pretrained=pretrained).labels for other in ks}
+    return result
+
+
 # ---------------------------------------------------------------- one call: counts in, labels out
 
-def cluster(counts, n_clusters, labels=None, log=print, seeds=1, **config):
+def cluster(counts, n_clusters, labels=None, log=print, seeds=1, every_k=False, **config):
     """Cluster raw counts in one call: preprocess, kNN graph A and fit, as the command line runs
     them (the same seed gives the command line's labels on the same counts).
 
     counts: (n, g) raw counts, cells x genes, numpy or scipy sparse (AnnData: adata.layers["counts"]
-    or adata.raw.X where X is normalised); n_clusters: K; labels: optional (n,), for scoring only
-    (missing: -1, NaN, "", "NA"); seeds: runs with seeds seed, seed + 1, ... (fit_seeds: the run
-    that agrees best with the others, and each cell's stability); config: Config fields as
-    keywords (seed=1, ...); log: where the progress lines go (log=lambda line: None silences
-    them). -> Result whose per-cell arrays (labels, embedding, pretrained, start, confidence,
-    margin, reliable, stability, baseline) line up with the rows of counts: -1 (labels, start,
-    baseline), NaN or False for a cell preprocessing dropped (it had no counts).
+    or adata.raw.X where X is normalised); n_clusters: K, or several (range(5, 16), [6, 8, 10]):
+    one phase 1, the recommended K and phase 2 there (fit_ks; every_k: at each K too); labels:
+    optional (n,), for scoring only (missing: -1, NaN, "", "NA"); seeds: runs with seeds seed,
+    seed + 1, ... (fit_seeds: the run that agrees best with the others, and each cell's
+    stability); config: Config fields as keywords (seed=1, ...); log: where the progress lines
+    go (log=lambda line: None silences them). -> Result whose per-cell arrays (labels,
+    embedding, pretrained, start, confidence, margin, reliable, stability, baseline, every_k)
+    line up with the rows of counts: -1 (labels, start, baseline), NaN or False for a cell
+    preprocessing dropped (it had no counts).
     Bad input raises the command line's one-line ValueError; a divergent run FloatingPointError."""
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}: not a field of sctcm.Config")
     config = Config(**config)
-    _check_settings(n_clusters, config)
+    ks = [n_clusters] if np.ndim(n_clusters) == 0 else list(n_clusters)
+    _check_settings(ks, config)
     _check_seeds(seeds)
     dataset = datasets.from_counts(counts, labels)
-    prepared, adjacency = prepare(dataset, n_clusters, config)
-    datasets.describe(prepared, adjacency, n_clusters, log)
-    result = fit_seeds(prepared, adjacency, n_clusters, config, seeds, log)
+    prepared, adjacency = prepare(dataset, ks, config)
+    datasets.describe(prepared, adjacency, ks[0] if len(ks) == 1 else f"{ks[0]}-{ks[-1]}", log)
+    result = fit_ks(prepared, adjacency, ks, config, seeds, every_k, log)
     return aligned_result(result, prepared.cells, dataset.counts.shape[0])
 
 
@@ -1119,8 +1143,11 @@ PER_CELL = ("labels", "embedding", "pretrained", "start", "confidence", "margin"
 def aligned_result(result, cells, n):
     """result with its per-cell arrays (PER_CELL), of the cells kept (rows `cells` of the
     input), as n rows of the input (aligned)."""
-    return dataclasses.replace(result, **{name: aligned(getattr(result, name), cells, n)
-                                          for name in PER_CELL if getattr(result, name) is not None})
+    fields = {name: aligned(getattr(result, name), cells, n) for name in PER_CELL
+              if getattr(result, name) is not None}
+    if result.every_k is not None:
+        fields["every_k"] = {k: aligned(labels, cells, n) for k, labels in result.every_k.items()}
+    return dataclasses.replace(result, **fields)
 
 
 def aligned(values, cells, n):
@@ -1139,18 +1166,25 @@ def _check_seeds(seeds):
         raise ValueError(f"--seeds must be a whole number of runs, at least 1, got {seeds!r}")
 
 
-def _check_settings(k, config):
-    """The checks of K and the settings that need no data, before any work (main and cluster)."""
+def _check_settings(ks, config):
+    """The checks of K (a list: one K, or several to choose from) and the settings that need no
+    data, before any work (main and cluster)."""
     check_config(config)
-    if k is not None and not isinstance(k, (int, np.integer)):
-        raise ValueError(f"--clusters must be a whole number, got {k!r}")
-    if k is not None and k < 2:
-        raise ValueError(f"--clusters must be at least 2, got {k}")
+    if ks is None:
+        return
+    if not ks:
+        raise ValueError("--clusters names no K (a range such as 5-3 is empty)")
+    for k in ks:
+        if not isinstance(k, (int, np.integer)):
+            raise ValueError(f"--clusters must be a whole number, got {k!r}")
+        if k < 2:
+            raise ValueError(f"--clusters must be at least 2, got {k}")
 
 
-def prepare(dataset, k, config):
-    """Preprocess, check K and n_o against the cells that remain, build the kNN graph A
-    (main and cluster) -> (prepared, adjacency)."""
+def prepare(dataset, ks, config):
+    """Preprocess, check K (the largest of ks) and n_o against the cells that remain, build the
+    kNN graph A (main and cluster) -> (prepared, adjacency)."""
+    k = int(np.max(ks))
     prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
     if max(k, config.n_over) > prepared.x.shape[0]:
         raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
@@ -1163,6 +1197,18 @@ def prepare(dataset, k, config):
 
 
 # ---------------------------------------------------------------- command line
+
+def _clusters(text):
+    """--clusters: K, a range 5-15 (both ends in) or a list 6,8,10 -> the K in increasing order."""
+    try:
+        if "-" in text.strip("-"):
+            low, high = text.split("-", 1)
+            return list(range(int(low), int(high) + 1))
+        return sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give K (a whole number), a range such as 5-15 or a "
+                                         f"list such as 6,8,10, not {text!r}") from None
+
 
 def _beta(text):
     """A threshold flag: "auto" or a number."""
@@ -1218,8 +1264,12 @@ def _files(parser):
     """The flags of what a run reads and writes."""
     parser.add_argument("path", nargs="?", help="count matrix: .h5 (X/Y, exprs, Cell Ranger), "
                         ".h5ad, .loom, 10x folder, CSV/TSV")
-    parser.add_argument("--clusters", type=int, help="K, the number of clusters, >= 2 (required "
-                        "for a file; labels in the file are used for scoring only)")
+    parser.add_argument("--clusters", type=_clusters, help="K, the number of clusters, >= 2 "
+                        "(required for a file; labels in the file are used for scoring only); "
+                        "or several, 5-15 or 6,8,10: one phase 1, the K the criteria recommend "
+                        "(k_selection.csv), phase 2 there")
+    parser.add_argument("--every-k", action="store_true", help="with several K: phase 2 at every "
+                        "K too, one labels.csv column each (cluster_K)")
     parser.add_argument("--demo", nargs="?", const="easy", choices=list(datasets.DEMOS),
                         help="run on datasets.synthetic(), 1,500 cells of 6 types: easy (the "
                         "default) or hard (noisier: the arcs of each pair touch)")
@@ -1256,17 +1306,20 @@ def _inputs(args, config):
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot draws with matplotlib, which is not installed (pip install "
                          "matplotlib)")
+    if args.every_k and len(args.clusters or ()) < 2:
+        raise ValueError("--every-k runs phase 2 at each K of a range: give --clusters 5-15 "
+                         "or a list 6,8,10")
     if args.demo:
         dataset = datasets.synthetic(**datasets.DEMOS[args.demo])
-        k = args.clusters or len(dataset.label_names)
+        ks = args.clusters or [len(dataset.label_names)]
     else:
         if args.clusters is None:
             raise ValueError("--clusters K is required with a file")
         dataset = formats.load(args.path, label_key=args.label_key, layer=args.layer,
                                transpose=args.transpose, labels=args.labels)
-        k = args.clusters
-    prepared, adjacency = prepare(dataset, k, config)
-    return dataset, prepared, adjacency, k
+        ks = args.clusters
+    prepared, adjacency = prepare(dataset, ks, config)
+    return dataset, prepared, adjacency, ks
 
 
 BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -1295,15 +1348,16 @@ def main(argv=None):
     config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     config.decoder = tuple(config.decoder)
     try:
-        dataset, prepared, adjacency, k = _inputs(args, config)
+        dataset, prepared, adjacency, ks = _inputs(args, config)
     except ValueError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
     n, g = prepared.x.shape
-    datasets.describe(prepared, adjacency, k, print)
+    datasets.describe(prepared, adjacency, ks[0] if len(ks) == 1 else f"{ks[0]}-{ks[-1]}",
+                      print)
     prep_seconds = time.time() - start
     try:
-        result = fit_seeds(prepared, adjacency, k, config, args.seeds)
+        result = fit_ks(prepared, adjacency, ks, config, args.seeds, args.every_k)
     except FloatingPointError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
@@ -1312,7 +1366,8 @@ def main(argv=None):
                         if key in ("acc", "nmi", "ari"))
     print(f"done in {seconds:.1f} s" + (f" | {scored}" if scored else ""))
     summary = {
-        "dataset": dataset.name, "cells": n, "genes": g, "clusters": k,
+        "dataset": dataset.name, "cells": n, "genes": g,
+        "clusters": result.metrics.get("recommended_k", ks[0]),
         "metrics": result.metrics,
         "seconds": {"preprocess_and_graph": prep_seconds, "total": seconds},
         "peak_memory_mb": formats.peak_memory_mb(), "threads": torch.get_num_threads(),
@@ -1327,6 +1382,10 @@ def main(argv=None):
         written += plots.draw(tmp, result.history, result.embedding, result.labels,
                               prepared.labels, prepared.label_names, prepared.name,
                               result.pretrained)
+    if args.plot and "k_selection" in result.metrics:
+        plots.plot_k_selection(tmp / "k_selection.png", result.metrics["k_selection"],
+                               result.metrics["recommended_k"])
+        written.append("k_selection.png")
     formats.publish(tmp, out, args.overwrite)
     print(f"wrote {out}/: " + " ".join(written))
     return 0
@@ -1338,9 +1397,10 @@ DROPPED = "dropped by preprocessing: no counts"  # the note of an input cell wit
 def write_files(folder, dataset, prepared, result, summary):
     """A run's files into folder -> their names. labels.csv: one row per input cell: its
     cluster, confidence, margin and reliable flag (Result), stability (several seeds), the
-    baseline's cluster, and a note for a cell preprocessing dropped (no cluster); embedding.csv
-    (the codes of the cells kept), centres.csv (phi^c: Eq. 5 from embedding.csv),
-    clusters.csv (metrics["clusters"]), history.csv, summary.json, and results.h5ad: the same
+    baseline's cluster, the cluster at each K (--every-k) and a note for a cell preprocessing
+    dropped (no cluster); embedding.csv (the codes of the cells kept), centres.csv (phi^c:
+    Eq. 5 from embedding.csv), clusters.csv (metrics["clusters"]), k_selection.csv (several
+    K), history.csv, summary.json, and results.h5ad: the same
     as AnnData (obs: the columns of labels.csv, the cluster and baseline as categories; obsm
     X_sctcm: the codes, NaN for a dropped cell; uns sctcm: the summary)."""
     n = dataset.counts.shape[0]
@@ -1351,7 +1411,10 @@ def write_files(folder, dataset, prepared, result, summary):
                 "margin": _rounded(cells.margin), "reliable": cells.reliable}
     if cells.stability is not None:
         per_cell["stability"] = _rounded(cells.stability)
-    per_cell.update(baseline=cells.baseline, note=np.where(kept, "", DROPPED))
+    per_cell["baseline"] = cells.baseline
+    for k, labels in (cells.every_k or {}).items():
+        per_cell[f"cluster_K{k}"] = labels
+    per_cell["note"] = np.where(kept, "", DROPPED)
     shown = {key: [None if not keep else value for keep, value in zip(kept, values.tolist())]
              for key, values in per_cell.items()}
     shown["note"] = per_cell["note"].tolist()
@@ -1362,9 +1425,14 @@ def write_files(folder, dataset, prepared, result, summary):
               "centres.csv": {"cluster": list(range(len(result.centres))),
                               **codes(result.centres)},
               "clusters.csv": {key: [row[key] for row in rows] for key in rows[0]}}
+    if "k_selection" in result.metrics:
+        rows = result.metrics["k_selection"]
+        tables["k_selection.csv"] = {key: [row[key] for row in rows] for key in rows[0]}
     formats.write_run(folder, tables, result.history, summary)
     formats.write_h5ad(folder / "results.h5ad", names, per_cell, {"X_sctcm": cells.embedding},
-                       {"sctcm": summary}, categorical=("cluster", "baseline"))
+                       {"sctcm": summary},
+                       categorical=[key for key in per_cell if key.startswith(("cluster",
+                                                                               "baseline"))])
     return [*tables, "history.csv", "summary.json", "results.h5ad"]
 
 

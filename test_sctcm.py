@@ -1979,8 +1979,12 @@ def test_threads_gives_torch_that_many_threads(tmp_path):
 BAD_CLI = [
     (["missing.h5", "--clusters", "3"], "missing.h5"),
     (["data.h5", "--clusters", "1"], "at least 2"),
-    (["data.h5", "--clusters", "three"], "invalid int value"),
-    (["data.h5", "--clusters", "2.5"], "invalid int value"),
+    (["data.h5", "--clusters", "three"], "give K (a whole number), a range such as 5-15"),
+    (["data.h5", "--clusters", "2.5"], "give K (a whole number), a range such as 5-15"),
+    (["data.h5", "--clusters", "5-3"], "--clusters names no K (a range such as 5-3 is empty)"),
+    (["data.h5", "--clusters", "1-4"], "--clusters must be at least 2, got 1"),
+    (["data.h5", "--clusters", "30-45"], "--clusters 45 or --n-over 30 is more than the 40"),
+    (["data.h5", "--clusters", "3", "--every-k"], "--every-k runs phase 2 at each K of a range"),
     (["data.h5", "--clusters", "500"], "more than the"),
     (["data.h5", "--clusters", "3", "--n-over", "100"], "more than the"),
     (["data.h5", "--clusters", "3", "--dropout", "1.5"], "--dropout"),
@@ -2226,6 +2230,64 @@ def test_seeds_keep_the_run_that_agrees_best_and_each_cells_stability():
                    key=lambda perm: sum(perm[c] == r for c, r in zip(run, runs[chosen])))
         agree += np.array([best[c] for c in run]) == runs[chosen]
     np.testing.assert_allclose(result.stability, agree / 3)
+
+
+def test_clusters_flag_reads_one_k_a_range_or_a_list():
+    assert sctcm._parser().parse_args(["x", "--clusters", "8"]).clusters == [8]
+    assert sctcm._parser().parse_args(["x", "--clusters", "5-15"]).clusters == list(range(5, 16))
+    assert sctcm._parser().parse_args(["x", "--clusters", "10,6,8"]).clusters == [6, 8, 10]
+
+
+@pytest.mark.slow
+def test_choose_k_measures_each_k_by_brute_force_and_recommends_the_merges_peak():
+    """At each K: the modularity (at the merge's resolution, the pairwise sum) of the
+    lowest-inertia restart merged to K, the mean pairwise ARI of the ten restarts' merges, the
+    kept share of the start, the start's scores; the recommended K is where the first peaks."""
+    prepared, adjacency = _tiny_problem(seed=1)
+    config = _tiny_config()
+    rows, recommended, pretrained = sctcm.choose_k(prepared, adjacency, [2, 3, 4, 5], config,
+                                                   log=lambda line: None)
+    z = sctcm.codes(pretrained.model, pretrained.data).numpy()
+    restarts = clustering.kmeans_restarts(z, config.n_over, seed=0)
+    lowest = min(restarts, key=lambda restart: _inertia_by_loop(z, restart[1], restart[2]))
+    for row in rows:
+        k = row["k"]
+        merged = [clustering.merge_overclusters(adjacency, over, k, config.resolution)
+                  for _, over, _ in restarts]
+        path = clustering.merge_overclusters(adjacency, lowest[1], k, config.resolution)
+        assert row["merge_modularity"] == pytest.approx(  # the pairwise sum adds float32s
+            _pairwise_modularity(adjacency, path, config.resolution), rel=1e-4)
+        pairs = [_pairs_ari(a, b) for a, b in itertools.combinations(merged, 2)]
+        assert row["agreement"] == pytest.approx(np.mean(pairs))
+        start = merged[int(np.argmax([_kept_by_loop(z, m) for m in merged]))]
+        assert row["kept"] == pytest.approx(_kept_by_loop(z, start))
+        assert row["ari"] == pytest.approx(clustering.ari(prepared.labels, start))
+    assert recommended == max(rows, key=lambda row: row["merge_modularity"])["k"]
+
+
+@pytest.mark.slow
+def test_a_range_of_k_writes_its_criteria_and_the_recommended_ks_run(tmp_path):
+    """--clusters 2-4 --every-k: k_selection.csv (one row per K), summary.json's recommended_k,
+    labels.csv's cluster column = a run at the recommended K alone (--clusters K), and one
+    cluster_K column per K, each a run at that K alone."""
+    data = datasets.synthetic(n_cells=200, n_genes=80, n_clusters=3, seed=0)
+    _write(tmp_path / "toy.h5", X=np.asarray(data.counts), Y=data.labels)
+    run = lambda out, k, *flags: sctcm.main([str(tmp_path / "toy.h5"), "--clusters", k,
+                                             "--out", str(tmp_path / out), *QUICK.split(),
+                                             *flags])
+    assert run("range", "2-4", "--every-k") == 0
+    summary = json.loads((tmp_path / "range" / "summary.json").read_text())
+    recommended = summary["metrics"]["recommended_k"]
+    assert summary["clusters"] == recommended
+    selection = _read_csv(tmp_path / "range" / "k_selection.csv")
+    assert [row["k"] for row in selection] == ["2", "3", "4"]
+    cells = _read_csv(tmp_path / "range" / "labels.csv")
+    for k in (2, 3, 4):
+        assert run(f"k{k}", str(k)) == 0
+        alone = [row["cluster"] for row in _read_csv(tmp_path / f"k{k}" / "labels.csv")]
+        assert [row[f"cluster_K{k}"] for row in cells] == alone
+        if k == recommended:
+            assert [row["cluster"] for row in cells] == alone
 
 
 @pytest.mark.parametrize("k, keywords, flags", [
