@@ -152,6 +152,10 @@ class Config:
     beta_o: str = setting("auto", "Eq. (9) margin threshold", OrAuto(SHARE))
     reliable_frac: float = setting(0.15, '"auto": share of cells reliable when phase 2 starts',
                                    Interval(0, 1, "(]"))
+    reliable_rule: str = setting("global", '"auto" thresholds: one quantile of every cell\'s '
+                                 'margin, or one per (over)cluster so that each starts with '
+                                 'reliable_frac of its cells reliable',
+                                 OneOf(("global", "per-cluster")))
     update_every: int = setting(10, "epochs between recomputations of the targets q", COUNT)
     m_cvx: int = setting(3, "m, cells per convex combination, Eq. (11)", Interval(2))
     n_cvx: int = setting(64, "convex combinations per cluster and step, Eq. (11)", COUNT)
@@ -167,6 +171,9 @@ class Config:
     batch_size: int = setting(2048, "cells per epoch in Eqs. (3), (7), (10), sampled losses",
                               COUNT, "run")
     adversarial: bool = setting(True, "Eqs. (11)-(13); off is the \"no adversarial\" ablation")
+    adversary: str = setting("genes", "what the discriminators of Eq. (12) read: decoded gene "
+                             "profiles (Eq. 11) or the latent codes (the text's f_adv: R^d -> "
+                             "[0, 1])", OneOf(("genes", "latent")))
     overclustering: bool = setting(True, "Eqs. (8)-(10); off is the \"no overclustering\" "
                                    "ablation")
     seed: int = setting(0, "seeds numpy and torch once, at the start of fit",
@@ -378,11 +385,6 @@ class Pass:
     l_a: torch.Tensor
     batch: Batch
 
-    def rate_of(self, rows, features):
-        """The decoded rate of the cells `rows` (any shape of indices): read from this pass when
-        it decoded every cell, decoded now by `features` when it decoded a batch."""
-        return self.rate[rows] if self.batch.cells is None else features(self.z[rows])[1]
-
 
 def self_supervision(model, data, batch, block=1024):
     """The forward pass of L_SS (Eq. 4) on a batch (Batch(): every cell and pair) -> Pass.
@@ -413,22 +415,35 @@ def soft_assign(z, centers):
 def target_distribution(p, beta):
     """Target assignments q and reliable set Omega, Eqs. (6) and (9).
 
-    A cell is reliable when its top-1 minus top-2 assignment reaches beta; its target is then
-    the one-hot of its argmax, otherwise q_i = p_i. p: (n, K) -> q (n, K), reliable (n,) bool."""
-    top2 = p.topk(2, dim=1).values
-    reliable = top2[:, 0] - top2[:, 1] >= beta
-    onehot = F.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)
+    A cell is reliable when its top-1 minus top-2 assignment reaches beta (a number, or one per
+    cluster: a (K,) tensor read at the cell's argmax); its target is then the one-hot of its
+    argmax, otherwise q_i = p_i. p: (n, K) -> q (n, K), reliable (n,) bool."""
+    top2, argmax = p.topk(2, dim=1).values, p.argmax(1)
+    threshold = beta[argmax] if torch.is_tensor(beta) else beta
+    reliable = top2[:, 0] - top2[:, 1] >= threshold
+    onehot = F.one_hot(argmax, p.shape[1]).to(p.dtype)
     return torch.where(reliable[:, None], onehot, p), reliable
 
 
-def auto_threshold(p, reliable_frac):
-    """beta such that the `reliable_frac` most confident cells of p are reliable (Eqs. 6, 9).
+def auto_threshold(p, reliable_frac, per_cluster=False):
+    """beta such that the `reliable_frac` most confident cells of p are reliable (Eqs. 6, 9):
+    one number, or with per_cluster one per cluster (K,), each the quantile of the margins of
+    the cells whose argmax is that cluster (a cluster without cells takes the global one).
 
     Scale-free replacement for a fixed threshold: with the Eq. (2) loss the latent codes are
     small, Student-t margins stay far below the authors' 0.75-0.92, and a fixed threshold leaves
-    the reliable set empty. Computed once when phase 2 starts, then held fixed."""
+    the reliable set empty. One global quantile gathers the reliable cells in the clusters that
+    are easiest to tell apart; per cluster, every cluster starts with reliable cells, as Eqs.
+    (6) and (12) presume. Computed once when phase 2 starts, then held fixed."""
     top2 = p.topk(2, dim=1).values
-    return torch.quantile(top2[:, 0] - top2[:, 1], 1 - reliable_frac).item()
+    margins = top2[:, 0] - top2[:, 1]
+    overall = torch.quantile(margins, 1 - reliable_frac).item()
+    if not per_cluster:
+        return overall
+    argmax = p.argmax(1)
+    return torch.tensor([torch.quantile(margins[argmax == k], 1 - reliable_frac).item()
+                         if (argmax == k).any() else overall for k in range(p.shape[1])],
+                        device=p.device)
 
 
 def kl_divergence(q, p, reduction="mean"):
@@ -539,7 +554,8 @@ class Adversary:
 
     def __init__(self, model, n_clusters, n_genes, config, rng):
         self.model, self.config, self.rng = model, config, rng
-        self.disc = Discriminators(n_clusters, n_genes, config.disc_hidden).to(config.device)
+        width = config.latent if config.adversary == "latent" else n_genes
+        self.disc = Discriminators(n_clusters, width, config.disc_hidden).to(config.device)
         self.optimizer = torch.optim.Adam(self.disc.parameters(), lr=config.lr_adv)
 
     def inputs(self, out, members):
@@ -551,9 +567,11 @@ class Adversary:
         if drawn is None:
             return None
         active, cvx_picks, theta = drawn
-        fake = torch.log1p(features(convex_combinations(out.z, cvx_picks, theta))[1])
+        fake = convex_combinations(out.z, cvx_picks, theta)
         real_picks = np.stack([self.rng.choice(members[k], config.n_cvx) for k in active])
-        real = torch.log1p(out.rate_of(torch.as_tensor(real_picks, device=device), features))
+        real = out.z[torch.as_tensor(real_picks, device=device)]
+        if config.adversary == "genes":  # both decoded by the feature head as it is now
+            fake, real = torch.log1p(features(fake)[1]), torch.log1p(features(real)[1])
         return Samples(torch.as_tensor(active, device=device), cvx_picks, theta, real_picks,
                        *standardise(real, fake))
 
@@ -667,9 +685,11 @@ def _check_finite(z):
     return z
 
 
-def _threshold(value, p, reliable_frac):
+def _threshold(value, p, config):
     """A numeric beta as given, or the scale-free "auto" rule of auto_threshold."""
-    return auto_threshold(p, reliable_frac) if value == "auto" else float(value)
+    if value != "auto":
+        return float(value)
+    return auto_threshold(p, config.reliable_frac, config.reliable_rule == "per-cluster")
 
 
 def initial_partition(prepared, adjacency, n_clusters, config, restarts, z):
@@ -748,8 +768,8 @@ def id_reaches_lid(row, epoch, config):
 
 LOG_KEYS = {  # history key -> its part of a log line, in the line's order
     "start": "start ({start}, its mean codes keep {kept:.1%} of it)",
-    "beta_c": "beta_c {beta_c:.4f}",
-    "beta_o": "beta_o {beta_o:.4f}",
+    "beta_c": "beta_c {beta_c}",
+    "beta_o": "beta_o {beta_o}",
     "L_X": "L_X {L_X:.4f}",
     "L_A": "L_A {L_A:.4f}",
     "L_c": "L_c {L_c:.4f}",
@@ -758,6 +778,7 @@ LOG_KEYS = {  # history key -> its part of a log line, in the line's order
     "L_d": "L_d {L_d:.4f} (chance {L_d_chance:.4f})",
     "idle": "too few confident cells in cluster {idle} (< m reliable): no pull, no L_d",
     "reliable_c": "reliable {reliable_c}/{n}",
+    "reliable_k": "by cluster {reliable_k}",
     "ID": "ID {ID:.2f}",
     "LID": "LID {LID:.2f}",
     "kmeans_ari": "ARI(kmeans Z) {kmeans_ari:.3f}",
@@ -766,6 +787,13 @@ LOG_KEYS = {  # history key -> its part of a log line, in the line's order
     "ari": "ARI {ari:.3f}",
     "centroid_ari": "ARI(true centres Z) {centroid_ari:.3f}",
 }
+
+
+def _beta_text(beta):
+    """A threshold as a history row holds it: the number, or the range of per-cluster ones."""
+    if torch.is_tensor(beta):
+        return f"{beta.min().item():.4f}-{beta.max().item():.4f} (per cluster)"
+    return f"{beta:.4f}"
 
 
 class Report:
@@ -791,7 +819,7 @@ class Report:
     def start(self, origin, beta, z, start):
         """Phase 2's epoch 0: the start partition, the share its mean codes keep, beta."""
         head = {"phase": 2, "epoch": 0, "of": self.config.max_epochs, "start": origin,
-                "beta_c": beta["c"], "beta_o": beta["o"]}
+                "beta_c": _beta_text(beta["c"]), "beta_o": _beta_text(beta["o"])}
         scored = {**scores(self.labels, start), "kept": kept(z.cpu().numpy(), start)}
         return self._add(head, z, start, scored)
 
@@ -800,6 +828,7 @@ class Report:
         Eq. (5) as the partition."""
         head = {"phase": 2, "epoch": state.epoch, "of": self.config.max_epochs, **self.losses,
                 **self.adversary, "reliable_c": int(state.reliable["c"].sum()),
+                "reliable_k": " ".join(str(len(cells)) for cells in state.members),
                 "reliable_o": int(state.reliable["o"].sum())}
         return self._add(head, z, pred, scores(self.labels, pred))
 
@@ -932,7 +961,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     gamma = {"c": config.gamma_c, "o": config.gamma_o, "g": config.gamma_g}
     with torch.no_grad():
         beta = {key: _threshold(getattr(config, f"beta_{key}"), soft_assign(z, phi[key]),
-                                config.reliable_frac) for key in ("c", "o")}
+                                config) for key in ("c", "o")}
     start_row = report.start(origin, beta, z, start)
     state = Phase2(model, adversary, z_phase1, start, phi, beta)
     watch("start", state)

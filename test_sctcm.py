@@ -1093,6 +1093,50 @@ def test_auto_threshold_makes_the_requested_share_reliable():
     assert abs(reliable.float().mean().item() - 0.15) <= 0.002
 
 
+def test_per_cluster_auto_thresholds_make_each_cluster_start_with_its_share_reliable():
+    """reliable_rule "per-cluster": beta_k is the (1 - frac) quantile of the margins of the
+    cells whose argmax is k, so that each cluster has frac of its cells reliable; a cluster
+    with no cell takes the global quantile; target_distribution reads beta at each argmax."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(900, 4, generator=g)
+    logits[:600, 0] += 3  # cluster 0 is the confident one: a global quantile fills it first
+    logits[:, 3] -= 20    # no cell's argmax is 3
+    p = torch.softmax(logits, 1)
+    beta = sctcm.auto_threshold(p, 0.15, per_cluster=True)
+    top = p.sort(1, descending=True).values
+    margins, argmax = (top[:, 0] - top[:, 1]).numpy(), p.argmax(1).numpy()
+    for k in range(3):
+        assert beta[k].item() == pytest.approx(np.quantile(margins[argmax == k], 0.85), rel=1e-5)
+    assert beta[3].item() == pytest.approx(np.quantile(margins, 0.85), rel=1e-5)
+    _, reliable = sctcm.target_distribution(p, beta)
+    for k in range(3):
+        share = reliable.numpy()[argmax == k].mean()
+        assert abs(share - 0.15) <= 1 / (argmax == k).sum() + 1e-9
+    _, global_reliable = sctcm.target_distribution(p, sctcm.auto_threshold(p, 0.15))
+    assert global_reliable.numpy()[argmax != 0].mean() < 0.05  # what the global rule does
+
+
+def test_latent_adversary_compares_codes_not_decoded_profiles():
+    """adversary "latent" (the text's f_adv: R^d -> [0, 1]): the real samples are the codes of
+    reliable cells, the fake ones their convex combinations, undecoded, standardised alike."""
+    prepared, adjacency = _tiny_problem()
+    config = _tiny_config(adversary="latent")
+    torch.manual_seed(0)
+    model = sctcm.Model(prepared.x.shape[1], config)
+    adversary = sctcm.Adversary(model, 3, prepared.x.shape[1], config, np.random.default_rng(0))
+    assert adversary.disc.w1.shape[1] == config.latent
+    out = sctcm.self_supervision(model, _tiny_data(prepared, adjacency), sctcm.Batch())
+    members = [np.arange(k, 300, 3)[:20] for k in range(3)]
+    with torch.no_grad():
+        samples = adversary.inputs(out, members)
+    real = out.z[torch.as_tensor(samples.real_picks)]
+    theta = torch.as_tensor(samples.theta, dtype=torch.float32)
+    fake = (theta[..., None] * out.z[torch.as_tensor(samples.cvx_picks)]).sum(2)
+    mean, sd = real.mean(1, keepdim=True), real.std(1, keepdim=True) + 1e-2
+    assert torch.allclose(samples.real, (real - mean) / sd, atol=1e-5)
+    assert torch.allclose(samples.fake, (fake - mean) / sd, atol=1e-5)
+
+
 def test_convex_combinations_lie_on_the_simplex_of_their_cluster():
     # codes of cluster 0 are the unit vectors e_0..e_2, so a combination's coordinates ARE theta
     z = torch.cat([torch.eye(6), torch.ones(1, 6)])
@@ -1290,28 +1334,33 @@ def test_self_supervision_scores_raw_counts_with_mu_equal_to_size_factor_times_r
 
 
 def test_discriminators_see_reconstructions_of_reliable_cells_of_their_own_cluster():
-    """Discriminator k's real samples are decoded rates of members[k] (reliable cells of cluster k)
-    and of no other cell: changing the rates of any other cells leaves them as they were."""
-    _, adversary, _, out, members = _phase2_parts()
+    """Discriminator k's real samples are the decoded codes of members[k] (reliable cells of
+    cluster k), decoded by the feature head as it is (the same head as the fake samples'), and
+    of no other cell: changing the codes of any other cells leaves them as they were."""
+    model, adversary, _, out, members = _phase2_parts()
     members[1] = members[1][:2]  # fewer than m cells: discriminator 1 gets no samples
-    rate = out.rate
+    z = out.z
 
-    def real_samples(scaled):
-        changed = rate.detach().clone()
+    def samples_with(scaled):
+        changed = z.detach().clone()
         changed[scaled] *= 3
         adversary.rng = np.random.default_rng(0)
         with torch.no_grad():
-            samples = adversary.inputs(dataclasses.replace(out, rate=changed), members)
+            samples = adversary.inputs(dataclasses.replace(out, z=changed), members)
         assert samples.active.tolist() == [0, 2]
-        return samples.real
+        return samples
 
-    before = real_samples([])
-    unreliable = np.setdiff1d(np.arange(len(rate)), np.concatenate(members))
-    assert torch.equal(real_samples(unreliable), before)
+    before = samples_with([])
+    unreliable = np.setdiff1d(np.arange(len(z)), np.concatenate(members))
+    assert torch.equal(samples_with(unreliable).real, before.real)
     for row, k in enumerate([0, 2]):
-        after = real_samples(members[k])
-        assert not torch.equal(after[row], before[row])
-        assert torch.equal(after[1 - row], before[1 - row])
+        after = samples_with(members[k]).real
+        assert not torch.equal(after[row], before.real[row])
+        assert torch.equal(after[1 - row], before.real[1 - row])
+    with torch.no_grad():  # the real samples are the head's decoding of their cells' codes
+        real = torch.log1p(model.features(z[torch.as_tensor(before.real_picks)])[1])
+    expected = (real - real.mean(1, keepdim=True)) / (real.std(1, keepdim=True) + 1e-2)
+    assert torch.allclose(before.real, expected, atol=1e-5)
 
 
 def test_discriminator_step_changes_only_discriminator_parameters():
@@ -2498,7 +2547,8 @@ BAD_SETTINGS = [  # one value outside the stated range of each Config field that
     ("resolution", "0"), ("beta_c", "1.5"), ("beta_o", "-0.1"), ("reliable_frac", "0"),
     ("update_every", "0"), ("m_cvx", "1"), ("n_cvx", "0"), ("min_epochs", "-1"),
     ("max_epochs", "0"), ("eval_every", "0"), ("block", "0"), ("losses", "all"),
-    ("batch_size", "0"), ("seed", "-1"), ("device", "gpu"),
+    ("batch_size", "0"), ("seed", "-1"), ("device", "gpu"), ("reliable_rule", "local"),
+    ("adversary", "pixels"),
 ]
 
 
