@@ -12,10 +12,15 @@ stopped. K is the number of labels of each file, as in the paper. Then OUT/resul
 the tables, OUT/fig2_<dataset>.csv the ID and LID curves, and OUT/fig2_<dataset>.png a plot
 when matplotlib happens to be installed.
 
+--protocol also runs phase 2's candidates (CANDIDATES) and chooses among them leave-one-file-out.
+
 benchmark() times the parts of one epoch on a file (README, "Many cells"); depth_series() runs
-the synthetic cells at several sequencing depths (RESULTS.md, "Deep counts"):
+the synthetic cells at several sequencing depths (RESULTS.md, "Deep counts"); evidence() the
+seeds, confidence and stability tables and k_choice() the choosing-K table (RESULTS.md):
     python -c "import reproduce; reproduce.benchmark('synthetic_100k.h5', 6)"
     OMP_NUM_THREADS=1 python -c "import reproduce; reproduce.depth_series()"
+    python -c "import reproduce; reproduce.evidence('../shared/data')"
+    python -c "import reproduce; reproduce.k_choice('../shared/data')"
 """
 import argparse
 import csv
@@ -28,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
+import clustering
 import datasets
 import formats
 import geometry
@@ -48,7 +55,14 @@ VARIANTS = {  # the runs and the flags that make them
     "no adversarial": ["--no-adversarial"],  # the ablations of Table 2
     "no overclustering": ["--no-overclustering"],
     "neither": ["--no-adversarial", "--no-overclustering"],
+    # the candidates of phase 2's protocol (RESULTS.md, "Phase 2"), each setting named
+    "global, genes": ["--reliable-rule", "global", "--adversary", "genes"],
+    "per-cluster, genes": ["--reliable-rule", "per-cluster", "--adversary", "genes"],
+    "global, latent": ["--reliable-rule", "global", "--adversary", "latent"],
+    "per-cluster, latent": ["--reliable-rule", "per-cluster", "--adversary", "latent"],
+    "generator off": ["--gamma-g", "0"],  # a diagnosis: can the discriminators learn at all?
 }
+CANDIDATES = ("global, genes", "per-cluster, genes", "global, latent", "per-cluster, latent")
 TABLE1 = {"full": "scTCM", "paper start": "scTCM, `--init spectral`",
           "merge start": "scTCM, `--init merge`", "consensus start": "scTCM, `--init consensus`",
           "exact losses": "scTCM, `--losses exact`", "sampled losses": "scTCM, `--losses sampled`"}
@@ -209,6 +223,62 @@ def table2(out, stem, seeds):
     return "\n".join(lines)
 
 
+def _phase2_numbers(out, stem, variant, seeds):
+    """Per finished seed: (final ARI, the start's ARI, clusters with fewer than m reliable cells
+    when phase 2 starts: the first phase-2 row's reliable_k, of the targets of epoch 1)."""
+    numbers = []
+    for seed in seeds:
+        folder = _folder(out, stem, variant) / f"seed{seed}"
+        if not (folder / "summary.json").exists():
+            continue
+        summary = json.loads((folder / "summary.json").read_text())
+        with open(folder / "history.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r["phase"] == "2"]
+        m = summary["config"]["m_cvx"]
+        few = sum(int(c) < m for c in rows[1]["reliable_k"].split()) if rows[1].get(
+            "reliable_k") else None
+        numbers.append((summary["metrics"]["ari"], float(rows[0]["ari"]), few))
+    return numbers
+
+
+def protocol(out, files, seeds, candidates=CANDIDATES):
+    """Markdown: phase 2's candidates on every file (final ARI mean ± sd over seeds, its change
+    from the start, the clusters below m reliable cells at the start), then the choice made
+    leave-one-file-out: for each file, the candidate with the best mean ARI over the other
+    files, and what it gives on the file left out."""
+    stems = [stem for stem, *_ in files]
+    numbers = {(stem, c): _phase2_numbers(out, stem, c, seeds) for stem in stems
+               for c in candidates}
+    lines = ["| candidate | " + " | ".join(stems) + " | mean |",
+             "|---|" + "---|" * (len(stems) + 1)]
+    for c in candidates:
+        cells, means = [], []
+        for stem in stems:
+            runs = numbers[stem, c]
+            if not runs:
+                cells.append("")
+                continue
+            final = [r[0] for r in runs]
+            means.append(np.mean(final))
+            few = [r[2] for r in runs if r[2] is not None]
+            cells.append(f"{_mean_std(final)} ({np.mean([a - b for a, b, _ in runs]):+.3f}"
+                         + (f"; {np.mean(few):.1f} below m)" if few else ")"))
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {np.mean(means):.3f} |")
+    lines += ["", "| left out | chosen on the other files | its ARI there | best there |",
+              "|---|---|---|---|"]
+    mean_of = lambda stem, c: np.mean([r[0] for r in numbers[stem, c]] or [np.nan])
+    left = []
+    for stem in stems:
+        others = [s for s in stems if s != stem]
+        chosen = max(candidates, key=lambda c: np.mean([mean_of(s, c) for s in others]))
+        best = max(candidates, key=lambda c: mean_of(stem, c))
+        left.append(mean_of(stem, chosen))
+        lines.append(f"| {stem} | {chosen} | {mean_of(stem, chosen):.3f} | {best} "
+                     f"({mean_of(stem, best):.3f}) |")
+    lines.append(f"| mean | | {np.mean(left):.3f} | |")
+    return "\n".join(lines)
+
+
 def fig2(out, stem, seed):
     """ID and LID per logged epoch, both phases, full model and 'neither': a CSV, and a PNG
     when matplotlib is installed. Returns the CSV path, or None before the runs exist."""
@@ -290,6 +360,97 @@ def benchmark(path, n_clusters, repeats=3, **config):
     return seconds
 
 
+def right_cells(y, pred):
+    """Whether each labelled cell's cluster is its type under ACC's map (clustering.matching)."""
+    renamed = clustering.matching(y, pred)
+    return np.array([renamed.get(int(c), -1) for c in pred]) == y
+
+
+def auroc(signal, right):
+    """How well a per-cell signal ranks right cells above wrong ones: the probability that a
+    right cell scores higher than a wrong one, ties counting half (Mann-Whitney)."""
+    ranks = stats.rankdata(signal)
+    n_right, n_wrong = right.sum(), (~right).sum()
+    if n_right == 0 or n_wrong == 0:
+        return float("nan")
+    return float((ranks[right].sum() - n_right * (n_right + 1) / 2) / (n_right * n_wrong))
+
+
+def halves(signal, right):
+    """(share right among the half of the cells with the higher signal, among the lower half);
+    ties are ordered as the cells are, so a signal with many ties splits them arbitrarily."""
+    order = np.argsort(-np.asarray(signal), kind="stable")
+    top = order[: len(order) // 2]
+    low = order[len(order) // 2:]
+    return float(right[top].mean()), float(right[low].mean())
+
+
+def evidence(folder, seeds=3, stems=None, **config):
+    """RESULTS.md's phase-2 and evidence tables: on each labelled file of folder, what
+    `sctcm.py FILE --clusters K --seeds N` runs (N fits and most_agreed), timed, and per run:
+    the final ARI, the start's, the clusters with fewer than m reliable cells when phase 2
+    starts, and how well the confidence (p of Eq. 5) tells the cells whose cluster is their
+    type from the others (halves and AUROC); for the kept run, the same for the stability, the
+    seeds' agreement and the kept run's rank by ARI. Prints markdown rows as it goes."""
+    quiet = lambda line: None
+    print("| dataset | seed | ARI | start ARI | clusters < m reliable at the start | "
+          "confidence: right in the top half / bottom half, AUROC |")
+    print("|---|---|---|---|---|---|")
+    kept_rows = []
+    for stem, path, k, dataset in labelled_files(folder, stems):
+        settings = sctcm.Config(**config)
+        prepared, adjacency = sctcm.prepare(dataset, [k], settings)
+        y, began, runs = prepared.labels, time.time(), []
+        for seed in range(seeds):
+            runs.append(sctcm.fit(prepared, adjacency, k, sctcm.Config(**{**config,
+                                                                          "seed": seed}),
+                                  log=quiet))
+            run, labelled = runs[-1], y >= 0
+            right = right_cells(y[labelled], run.labels[labelled])
+            top, low = halves(run.confidence[labelled], right)
+            row = next(r for r in run.history if r["phase"] == 2 and r["epoch"] > 0)
+            few = sum(int(c) < settings.m_cvx for c in row["reliable_k"].split())
+            print(f"| {stem} | {seed} | {run.metrics['ari']:.3f} | "
+                  f"{run.metrics['start']['ari']:.3f} | {few} of {k} | {top:.3f} / {low:.3f}, "
+                  f"{auroc(run.confidence[labelled], right):.3f} |", flush=True)
+        chosen = sctcm.most_agreed(runs, 0, quiet)
+        seconds = time.time() - began
+        right = right_cells(y[labelled], chosen.labels[labelled])
+        stable = chosen.stability[labelled]
+        rank = 1 + sum(r.metrics["ari"] > chosen.metrics["ari"] for r in runs)
+        agreement = chosen.metrics["seed_agreement"]
+        kept_rows.append(
+            f"| {stem} | {agreement['mean_ari']:.3f} / {agreement['min_ari']:.3f} | "
+            f"{agreement['chosen']} ({rank} of {seeds} by ARI) | {seconds:.0f} | "
+            f"{right[stable == 1].mean():.3f} / {right[stable < 1].mean():.3f} "
+            f"({np.mean(stable < 1):.1%} below 1), {auroc(stable, right):.3f} | "
+            f"{auroc(chosen.confidence[labelled], right):.3f} |")
+    print(f"\n| dataset | seeds' pairwise ARI, mean / min | seed kept | seconds ({seeds} runs) | "
+          "stability: right where 1 / below 1, AUROC | confidence AUROC, the kept run |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(kept_rows))
+
+
+def k_choice(folder, ks=range(4, 21), stems=None, **config):
+    """RESULTS.md's choosing-K table: on each labelled file, choose_k over ks (one phase 1, seed
+    0), the recommended K beside the labelled number of types, and the final ARI of phase 2 at
+    both, from the same phase 1. Prints markdown rows as it goes."""
+    quiet, ks = (lambda line: None), list(ks)
+    print("| dataset | types | recommended K | within 20% (at least 2) | ARI at the recommended "
+          "K | ARI at the types' K | K where the start's ARI peaks |")
+    print("|---|---|---|---|---|---|---|")
+    for stem, path, k, dataset in labelled_files(folder, stems):
+        settings = sctcm.Config(**config)
+        prepared, adjacency = sctcm.prepare(dataset, ks + [k], settings)
+        rows, recommended, pretrained = sctcm.choose_k(prepared, adjacency, ks, settings, quiet)
+        final = {kk: sctcm.fit(prepared, adjacency, kk, settings, log=quiet,
+                               pretrained=pretrained).metrics["ari"] for kk in {recommended, k}}
+        peak = max(rows, key=lambda row: row["ari"])["k"]
+        near = abs(recommended - k) <= max(2, 0.2 * k)
+        print(f"| {stem} | {k} | {recommended} | {'yes' if near else 'no'} | "
+              f"{final[recommended]:.3f} | {final[k]:.3f} | {peak} |", flush=True)
+
+
 def depth_series(depths=(1e3, 3e3, 3e4, 3e5, 3e6), seeds=(0, 1, 2), scale=1, **config):
     """RESULTS.md's depth table: the demo's cells (datasets.synthetic, K = 6) drawn at each median
     depth, their counts times scale, one default run per seed (config: other Config fields),
@@ -328,6 +489,9 @@ def _parser():
     parser.add_argument("--variants", nargs="+", choices=list(TABLE1), metavar="NAME",
                         default=["full", "paper start", "exact losses"],
                         help="Table 1 rows run for every dataset: " + ", ".join(TABLE1))
+    parser.add_argument("--protocol", action="store_true", help="also run phase 2's "
+                        "candidates (" + "; ".join(CANDIDATES) + ") on every file and choose "
+                        "among them leave-one-file-out")
     parser.add_argument("--sctcm-args", default="",
                         help="extra sctcm.py flags for every run, e.g. '--max-epochs 50'")
     return parser
@@ -367,7 +531,8 @@ def main(argv=None):
         for seed in seeds:
             for stem, path, k, _ in files:
                 ablations = list(TABLE2) if stem in ablate else []
-                for variant in dict.fromkeys(args.variants + ablations):
+                candidates = list(CANDIDATES) if args.protocol else []
+                for variant in dict.fromkeys(args.variants + ablations + candidates):
                     run(path, k, variant, seed, out, extra)
     except RuntimeError as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
@@ -377,6 +542,9 @@ def main(argv=None):
     parts = ["## Table 1: scTCM with the defaults", table1(out, files, seeds, reference),
              "## Table 2: ablations"]
     parts += [table2(out, stem, seeds) for stem, *_ in files if stem in args.ablate]
+    if args.protocol:
+        parts += ["## Phase 2: the candidates, chosen leave-one-file-out",
+                  protocol(out, files, seeds)]
     figures = [fig2(out, stem, 0) for stem, *_ in files if stem in args.figure]
     parts += ["## Fig. 2: ID and LID per logged epoch (seed 0)"]
     parts += [f"- `{p}`" for p in figures if p]

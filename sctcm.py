@@ -1072,11 +1072,27 @@ def choose_k(prepared, adjacency, ks, config, log=print):
     return rows, recommended, pretrained
 
 
+def most_agreed(runs, first_seed, log=print):
+    """Of the Results of seeds first_seed, first_seed + 1, ..., the one that agrees best with
+    the others (clustering.most_central: a real run, not a new partition), with each cell's
+    stability (the share of the runs that put it in its cluster) and metrics["seed_agreement"]
+    (the runs' pairwise ARI: mean, min, and the seed chosen)."""
+    partitions = [run.labels for run in runs]
+    index = most_central(partitions)
+    chosen = runs[index]
+    between = pairwise_ari(partitions)[~np.eye(len(runs), dtype=bool)]
+    chosen.stability = stability(partitions, chosen.labels)
+    chosen.metrics["seed_agreement"] = {
+        "seeds": [first_seed + i for i in range(len(runs))], "chosen": first_seed + index,
+        "mean_ari": float(between.mean()), "min_ari": float(between.min())}
+    log(f"seeds agree: pairwise ARI mean {between.mean():.3f}, min {between.min():.3f}; kept "
+        f"seed {first_seed + index}, the run that agrees best with the others")
+    return chosen
+
+
 def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretrained=None):
     """fit with `seeds` seeds (config.seed, config.seed + 1, ...) -> the Result of the run that
-    agrees best with the others (clustering.most_central: a real run, not a new partition),
-    with each cell's stability (the share of the runs that put it in its cluster) and
-    metrics["seed_agreement"] (the runs' pairwise ARI: mean, min, and the seed chosen). Every
+    agrees best with the others, with its stability and seed_agreement (most_agreed). Every
     result also carries the baseline: k-means on the n_pcs principal components of the same
     preprocessed matrix (Result.baseline; metrics["baseline"]: its ARI to scTCM's partition
     and, with labels, its scores). pretrained: phase 1 of the first seed, already run."""
@@ -1090,19 +1106,7 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretr
         runs.append(fit(prepared, adjacency, n_clusters,
                         dataclasses.replace(config, seed=config.seed + i), log=log,
                         pretrained=pretrained if i == 0 else None))
-    partitions = [run.labels for run in runs]
-    chosen = runs[most_central(partitions)]
-    if seeds > 1:
-        table = pairwise_ari(partitions)
-        between = table[~np.eye(seeds, dtype=bool)]
-        chosen.stability = stability(partitions, chosen.labels)
-        chosen.metrics["seed_agreement"] = {
-            "seeds": [config.seed + i for i in range(seeds)],
-            "chosen": config.seed + most_central(partitions),
-            "mean_ari": float(between.mean()), "min_ari": float(between.min())}
-        log(f"seeds agree: pairwise ARI mean {between.mean():.3f}, min {between.min():.3f}; "
-            f"kept seed {chosen.metrics['seed_agreement']['chosen']}, the run that agrees best "
-            "with the others")
+    chosen = most_agreed(runs, config.seed, log) if seeds > 1 else runs[0]
     chosen.baseline = kmeans(datasets.pca(prepared.x, config.n_pcs), n_clusters,
                              seed=config.seed)[0]
     agreement = ari(chosen.baseline, chosen.labels)

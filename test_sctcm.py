@@ -2481,6 +2481,22 @@ def test_reproduce_runs_every_variant_resumes_and_tabulates(tmp_path):
     assert {r["variant"] for r in curve} == {"full", "neither"}
 
 
+def test_evidence_measures_by_brute_force():
+    """right_cells: ACC's matched cells; auroc: the share of (right, wrong) pairs the signal
+    orders right, ties half; halves: the right share above and below the median signal."""
+    rng = np.random.default_rng(5)
+    y, pred = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
+    right = reproduce.right_cells(y, pred)
+    assert right.mean() == pytest.approx(clustering.cluster_acc(y, pred))
+    signal = np.round(rng.random(60), 1)  # with ties
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0)
+             for a, ra in zip(signal, right) for b, rb in zip(signal, right) if ra and not rb]
+    assert reproduce.auroc(signal, right) == pytest.approx(np.mean(pairs))
+    order = sorted(range(60), key=lambda i: -signal[i])
+    assert reproduce.halves(signal, right) == pytest.approx(
+        (right[order[:30]].mean(), right[order[30:]].mean()))
+
+
 @pytest.mark.parametrize("folder, message", [("missing", "no such folder"),
                                              ("empty", "no labelled")])
 @pytest.mark.slow
