@@ -413,7 +413,8 @@ def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0, no
     cell, 3000 by default: UMI-like); X_ig ~ NB(mu_ig, theta_g) drawn as Poisson(Gamma(theta_g,
     mu_ig / theta_g)); then a dropout zero with probability pi_ig. noise: the latent noise's sd
     (DEMOS["hard"]: 0.3).
-    Deterministic for a seed. -> Dataset: counts (n_cells, n_genes) int64 dense, labels 0..K-1."""
+    Deterministic for a seed. -> Dataset: counts (n_cells, n_genes) int64 dense, labels 0..K-1
+    named "arc 1a", "arc 1b" (the first pair), "arc 2a", ... (types, not clusters)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n_cells) % n_clusters)
     z = _bent_sheets(labels, n_clusters, rng, noise)
@@ -427,7 +428,7 @@ def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0, no
     return Dataset(
         counts=counts,
         labels=labels.astype(np.int64),
-        label_names=numbered("cluster", n_clusters),
+        label_names=np.array([f"arc {k // 2 + 1}{'ab'[k % 2]}" for k in range(n_clusters)]),
         gene_names=numbered("gene", n_genes),
         cell_names=numbered("cell", n_cells),
         name="synthetic",

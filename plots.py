@@ -10,15 +10,20 @@ import datasets
 
 
 def draw(folder, history, embedding, clusters, labels=None, label_names=None, name="run",
-         pretrained=None):
-    """fig2.png, embedding.png and losses.png of one run into folder -> their file names.
-    history: fit's rows; embedding: (n, d) codes Z; clusters: (n,) the run's labels; labels,
-    label_names: the file's (scoring) labels, or None; pretrained: Z after phase 1, or None.
-    ImportError without matplotlib."""
+         pretrained=None, start=None, convexity=None):
+    """fig2.png, embedding.png, losses.png (and convexity.png when given) of one run into
+    folder -> their file names. history: fit's rows; embedding: (n, d) codes Z; clusters: (n,)
+    the run's labels; labels, label_names: the file's (scoring) labels, or None; pretrained: Z
+    after phase 1 and start: the partition phase 2 started from, or None; convexity: the
+    panels of plot_convexity, or None. ImportError without matplotlib."""
     plot_fig2(folder / "fig2.png", {name: history})
-    plot_embedding(folder / "embedding.png", embedding, clusters, labels, label_names, pretrained)
+    plot_embedding(folder / "embedding.png", embedding, clusters, labels, label_names, pretrained,
+                   start)
     plot_losses(folder / "losses.png", history)
-    return ["fig2.png", "embedding.png", "losses.png"]
+    if convexity is None:
+        return ["fig2.png", "embedding.png", "losses.png"]
+    plot_convexity(folder / "convexity.png", convexity)
+    return ["fig2.png", "embedding.png", "losses.png", "convexity.png"]
 
 
 def _figure(width, height):
@@ -41,35 +46,56 @@ def _through_phases(ax, rows):
 
 def plot_fig2(path, panels):
     """The paper's Fig. 2 as a PNG: mean per-cluster ID (TwoNN) and LID (PCA) at every logged
-    epoch of both phases. panels: {title: history rows}, one panel each, side by side."""
+    epoch of both phases. panels: {title: history rows}, one panel each, side by side. Solid:
+    the clusters the run has at that epoch (k-means of Z in phase 1, which has no clusters of
+    its own; the start, then the argmax of Eq. 5 in phase 2); dotted: k-means of Z throughout,
+    where the rows have it, so that a jump at the boundary that is only the change of partition
+    can be told from one in the geometry."""
     fig = _figure(1 + 5 * len(panels), 4)
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for ax, (title, rows) in zip(axes, panels.items()):
-        x = _through_phases(ax, rows)
-        for key, name in (("ID", "ID (TwoNN)"), ("LID", "LID (PCA, 99% variance)")):
-            ax.plot(x, [float(r[key]) for r in rows], marker="o", ms=3, label=name)
+        x = np.array(_through_phases(ax, rows))
+        for key, name, colour in (("ID", "ID", "C0"), ("LID", "LID", "C1")):
+            ax.plot(x, [float(r[key]) for r in rows], marker="o", ms=3, color=colour,
+                    label=f"{name}, the run's clusters")
+            kmeans_of_z = [r.get(f"{key}_kmeans", "") for r in rows]  # phase 1: ID itself
+            kmeans_of_z = [r[key] if int(r["phase"]) == 1 else v for r, v in zip(rows, kmeans_of_z)]
+            has = np.array([v != "" for v in kmeans_of_z])
+            if has[np.array([int(r["phase"]) == 2 for r in rows])].any():
+                ax.plot(x[has], [float(v) for v in kmeans_of_z if v != ""], ls=":",
+                        color=colour, label=f"{name}, k-means of Z")
         ax.set(title=title, xlabel="epoch (phase 1, then phase 2)")
-    axes[0].set_ylabel("mean per-cluster dimension")
-    axes[0].legend()
+    axes[0].set_ylabel("mean per-cluster dimension\n(ID: TwoNN; LID: PCA, 99% variance)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2,
+               fontsize="small")
     fig.savefig(path, dpi=150)
 
 
-def plot_embedding(path, embedding, clusters, labels=None, label_names=None, pretrained=None):
-    """Codes Z on their first two principal components: after phase 1 (pretrained, when given)
-    and at the end, coloured by the run's clusters and, beside them, by the file's labels when it
-    has them (cells without a label in grey). A cluster takes the colour of the type ACC matches
-    it to (clustering.matching), so a cluster and its type look alike."""
-    k = clusters.max() + 1
-    colour = cluster_colours(clusters, labels, len(label_names) if labels is not None else 0)
-    names = [f"cluster {j}" for j in range(k)]
-    panels = [("scTCM clusters, end", embedding, clusters, names, colour)]
+def plot_embedding(path, embedding, clusters, labels=None, label_names=None, pretrained=None,
+                   start=None):
+    """Codes Z on their first two principal components, one panel each: after phase 1 by the
+    file's types and by the start of phase 2 (when pretrained and start are given), at the end
+    by scTCM's clusters and by the types. Types keep their names; clusters are "cluster j", in
+    the colour of the type ACC matches them to (clustering.matching), and a cell whose cluster
+    is matched to another type than its own is crossed in black (an error)."""
+    n_types = len(label_names) if labels is not None else 0
+    names = lambda groups: [f"cluster {j}" for j in range(groups.max() + 1)]
+    panels = []
+    if pretrained is not None and labels is not None:
+        panels.append(("types (the file's labels), after phase 1", pretrained, labels,
+                       label_names, None))
+    if pretrained is not None and start is not None:
+        panels.append(("start of phase 2 (its partition), after phase 1", pretrained, start,
+                       names(start), cluster_colours(start, labels, n_types)))
+    panels.append(("scTCM's clusters, end", embedding, clusters, names(clusters),
+                   cluster_colours(clusters, labels, n_types)))
     if labels is not None:
-        panels.append(("labels of the file, end", embedding, labels, label_names, None))
-    if pretrained is not None:
-        panels.insert(0, ("end of phase 1 (start of phase 2)", pretrained, *panels[-1][2:]))
-    fig = _figure(6.5 * len(panels), 4.5)
-    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        _scatter(ax, *panel)
+        panels.append(("types (the file's labels), end", embedding, labels, label_names, None))
+    columns = 2 if len(panels) == 4 else len(panels)  # after phase 1 above, the end below
+    fig = _figure(6.2 * columns, 4.6 * (len(panels) // columns))
+    for ax, panel in zip(fig.subplots(len(panels) // columns, columns, squeeze=False).ravel(),
+                         panels):
+        _scatter(ax, *panel, labels=labels)
     fig.savefig(path, dpi=150)
 
 
@@ -82,17 +108,36 @@ def cluster_colours(clusters, labels=None, n_types=0):
     return {j: matched[j] if j in matched else next(spare) for j in range(clusters.max() + 1)}
 
 
-def _scatter(ax, title, codes, groups, names, colour):
-    """One panel of plot_embedding: codes on their top 2 PCs, group j in tab20 colour colour[j]."""
-    from matplotlib import colormaps
+PALETTE = (  # Okabe & Ito's seven colours (told apart with any colour vision), then Tol's muted
+    "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
+    "#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255",
+    "#AA4499")
+
+
+def colour(index):
+    """The colour of type (or colour index) `index`: Okabe-Ito's seven safe colours first,
+    then Tol's; past 16 they repeat."""
+    return PALETTE[index % len(PALETTE)]
+
+
+def _scatter(ax, title, codes, groups, names, colours, labels=None):
+    """One panel of plot_embedding: codes on their top 2 PCs, group j in colour(colours[j])
+    (colours None: group j is type j); in a panel of clusters with labels known, the cells
+    whose cluster's matched type is not their own crossed in black."""
     pcs = datasets.pca(codes.astype(np.float64), 2)
     if np.any(groups < 0):
         ax.scatter(*pcs[groups < 0].T, s=4, color="lightgrey", label="no label")
     for j, name in enumerate(names):
-        shade = colormaps["tab20"]((j if colour is None else colour[j]) % 20)
-        ax.scatter(*pcs[groups == j].T, s=4, color=shade, label=name)
+        ax.scatter(*pcs[groups == j].T, s=4, label=name,
+                   color=colour(j if colours is None else colours[j]))
+    if colours is not None and labels is not None:
+        renamed = clustering.matching(labels, groups)
+        wrong = (labels >= 0) & (np.array([renamed.get(int(g), -2) for g in groups]) != labels)
+        ax.scatter(*pcs[wrong].T, s=10, marker="x", lw=0.6, color="black",
+                   label=f"error ({wrong.mean():.1%})")
     ax.set(title=title, xlabel="PC 1 of Z", ylabel="PC 2 of Z")
-    ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=3,
+    ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=3, fontsize="small",
+              title="type" if colours is None else "cluster (its type's colour)",
               ncols=1 + len(names) // 15)
 
 
@@ -154,4 +199,36 @@ def plot_k_selection(path, rows, recommended):
         ax.set(title=title, xlabel="K", ylabel=f"higher: {meaning}")
         ax.yaxis.label.set_size(8)
     fig.axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=150)
+
+
+def plot_convexity(path, panels):
+    """Eq. (11) made visible, one panel each (the start and the end of phase 2): Z on its top
+    two principal components in grey, one cluster's reliable cells (the real samples of its
+    discriminator) in its colour with their convex hull, and convex combinations of them (what
+    is decoded into the fake samples) as black dots. panels: [(title, codes, clusters,
+    reliable, k, combinations (N, d))]. The projection is linear, so combinations stay inside
+    the hull here; what decides convexity is where they fall in all d dimensions and, decoded,
+    in gene space, which a picture of two components cannot show."""
+    from scipy.spatial import ConvexHull
+    fig = _figure(6 * len(panels), 4.8)
+    for ax, (title, codes, clusters, reliable, k, combos) in zip(
+            fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        centre = codes.mean(0)
+        basis = np.linalg.svd(codes - centre, full_matrices=False)[2][:2]
+        project = lambda points: (points - centre) @ basis.T
+        ax.scatter(*project(codes).T, s=3, color="lightgrey", label="other cells")
+        members = reliable & (clusters == k)
+        ax.scatter(*project(codes[(clusters == k) & ~members]).T, s=4, color=colour(k),
+                   alpha=0.3, label=f"cluster {k}, not reliable")
+        points = project(codes[members])
+        ax.scatter(*points.T, s=8, color=colour(k), label=f"cluster {k}, reliable "
+                   f"({members.sum()})")
+        if len(points) >= 3:
+            hull = ConvexHull(points)
+            for a, b in hull.simplices:
+                ax.plot(*points[[a, b]].T, color=colour(k), lw=0.8)
+        ax.scatter(*project(combos).T, s=4, color="black", label="convex combinations (Eq. 11)")
+        ax.set(title=title, xlabel="PC 1 of Z", ylabel="PC 2 of Z")
+        ax.legend(fontsize="small", loc="best")
     fig.savefig(path, dpi=150)

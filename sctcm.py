@@ -47,8 +47,8 @@ import geometry
 import plots
 from clustering import (agreement_groups, ari, centroid_ari, check_partition, cluster_evidence,
                         kept, kmeans, kmeans_restarts, lowest_inertia, merge_overclusters,
-                        modularity, most_central, pairwise_ari, scores, spectral_clustering,
-                        stability, symmetric_normalize)
+                        modularity, most_central, nearest_mean, pairwise_ari, scores,
+                        spectral_clustering, stability, symmetric_normalize)
 from zinb import zinb_nll
 
 
@@ -215,6 +215,7 @@ class Result:
     confidence: np.ndarray | None = None  # p of Eq. (5) for each cell's cluster
     margin: np.ndarray | None = None      # top-1 minus top-2 of p, what Eq. (6) thresholds
     reliable: np.ndarray | None = None    # margin >= beta_c at the end: the final Omega_c
+    reliable_start: np.ndarray | None = None  # Omega_c of the first targets (the start's codes)
     stability: np.ndarray | None = None   # with several seeds: share of runs that agree
     baseline: np.ndarray | None = None    # k-means on the principal components (fit_seeds)
     every_k: dict | None = None           # K -> labels of a phase 2 at every K (fit_ks)
@@ -768,8 +769,10 @@ def id_reaches_lid(row, epoch, config):
 
 LOG_KEYS = {  # history key -> its part of a log line, in the line's order
     "start": "start ({start}, its mean codes keep {kept:.1%} of it)",
-    "beta_c": "beta_c {beta_c}",
-    "beta_o": "beta_o {beta_o}",
+    "beta_c": "beta_c {beta_c:.4f}",
+    "beta_c_range": "(per cluster {beta_c_range})",
+    "beta_o": "beta_o {beta_o:.4f}",
+    "beta_o_range": "(per overcluster {beta_o_range})",
     "L_X": "L_X {L_X:.4f}",
     "L_A": "L_A {L_A:.4f}",
     "L_c": "L_c {L_c:.4f}",
@@ -789,11 +792,13 @@ LOG_KEYS = {  # history key -> its part of a log line, in the line's order
 }
 
 
-def _beta_text(beta):
-    """A threshold as a history row holds it: the number, or the range of per-cluster ones."""
-    if torch.is_tensor(beta):
-        return f"{beta.min().item():.4f}-{beta.max().item():.4f} (per cluster)"
-    return f"{beta:.4f}"
+def _beta_fields(key, beta):
+    """A history row's threshold fields: beta_<key> (the number; per cluster, their mean) and,
+    per cluster, beta_<key>_range (the lowest and highest)."""
+    if not torch.is_tensor(beta):
+        return {f"beta_{key}": beta}
+    return {f"beta_{key}": beta.mean().item(),
+            f"beta_{key}_range": f"{beta.min().item():.4f}-{beta.max().item():.4f}"}
 
 
 class Report:
@@ -818,10 +823,11 @@ class Report:
 
     def start(self, origin, beta, z, start):
         """Phase 2's epoch 0: the start partition, the share its mean codes keep, beta."""
-        head = {"phase": 2, "epoch": 0, "of": self.config.max_epochs, "start": origin,
-                "beta_c": _beta_text(beta["c"]), "beta_o": _beta_text(beta["o"])}
+        head = {"phase": 2, "epoch": 0, "of": self.config.max_epochs, "start": origin}
+        for key in ("c", "o"):
+            head.update(_beta_fields(key, beta[key]))
         scored = {**scores(self.labels, start), "kept": kept(z.cpu().numpy(), start)}
-        return self._add(head, z, start, scored)
+        return self._add(head, z, start, scored, kmeans_too=True)
 
     def phase2(self, state, z, pred):
         """A phase-2 row: the losses, the discriminators, the reliable sets, the argmax of
@@ -830,11 +836,19 @@ class Report:
                 **self.adversary, "reliable_c": int(state.reliable["c"].sum()),
                 "reliable_k": " ".join(str(len(cells)) for cells in state.members),
                 "reliable_o": int(state.reliable["o"].sum())}
-        return self._add(head, z, pred, scores(self.labels, pred))
+        return self._add(head, z, pred, scores(self.labels, pred), kmeans_too=True)
 
-    def _add(self, row, z, partition, scored):
+    def _add(self, row, z, partition, scored, kmeans_too=False):
+        """Add a row: ID and LID under partition and, with kmeans_too (phase 2), also under
+        k-means of z, phase 1's partition, so that Fig. 2 can show both rules across the
+        boundary (ID_kmeans, LID_kmeans)."""
         z = z.cpu().numpy()
         row["ID"], row["LID"] = geometry.cluster_geometry(z, partition)
+        if kmeans_too:
+            same_rule = kmeans(z, self.k, seed=self.config.seed, n_init=3)[0]
+            row["ID_kmeans"], row["LID_kmeans"] = geometry.cluster_geometry(z, same_rule)
+            if self.labels is not None:
+                scored = {**scored, "kmeans_ari": ari(self.labels, same_rule)}
         row.update(scored, n=len(z))
         if self.labels is not None:
             row["centroid_ari"] = centroid_ari(self.labels, z)
@@ -973,6 +987,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
         if (epoch - 1) % config.update_every == 0:
             # q is a target: recomputed here, held fixed in between, Eqs. (6) and (9)
             update_targets(state, codes(model, data))
+            if epoch == 1:
+                reliable_start = state.reliable["c"].cpu().numpy()
             watch("targets", state)
         state.batch = sampler()
         state.out = out = self_supervision(model, data, state.batch, config.block)
@@ -1024,7 +1040,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
                "clusters": clusters, "warnings": alerts}
     return Result(labels=labels, embedding=embedding, history=report.rows, metrics=metrics,
                   pretrained=z_phase1, start=start, centres=centres, confidence=top2[:, 0],
-                  margin=top2[:, 0] - top2[:, 1], reliable=reliable)
+                  margin=top2[:, 0] - top2[:, 1], reliable=reliable,
+                  reliable_start=reliable_start)
 
 
 def k_criteria(z, adjacency, restarts, k, config):
@@ -1170,7 +1187,7 @@ def cluster(counts, n_clusters, labels=None, log=print, seeds=1, every_k=False, 
 
 
 PER_CELL = ("labels", "embedding", "pretrained", "start", "confidence", "margin", "reliable",
-            "stability", "baseline")  # the Result fields with one row per cell
+            "reliable_start", "stability", "baseline")  # the Result fields with a row per cell
 
 
 def aligned_result(result, cells, n):
@@ -1414,7 +1431,8 @@ def main(argv=None):
     if args.plot:
         written += plots.draw(tmp, result.history, result.embedding, result.labels,
                               prepared.labels, prepared.label_names, prepared.name,
-                              result.pretrained)
+                              result.pretrained, result.start,
+                              convexity_panels(result, config.m_cvx))
     if args.plot and "k_selection" in result.metrics:
         plots.plot_k_selection(tmp / "k_selection.png", result.metrics["k_selection"],
                                result.metrics["recommended_k"])
@@ -1422,6 +1440,24 @@ def main(argv=None):
     formats.publish(tmp, out, args.overwrite)
     print(f"wrote {out}/: " + " ".join(written))
     return 0
+
+
+def convexity_panels(result, m, count=300, seed=0):
+    """plots.plot_convexity's two panels for a run (Eq. 11 made visible): the cluster with the
+    most reliable cells when phase 2 starts, its reliable cells and `count` convex combinations
+    of m of them, on the codes after phase 1 (clusters: the start's centres' nearest, as Eq. 5
+    assigns them) and at the end."""
+    start = nearest_mean(result.pretrained, result.start)
+    k = int(np.argmax(np.bincount(start[result.reliable_start], minlength=start.max() + 1)))
+    rng, panels = np.random.default_rng(seed), []
+    for when, codes, clusters, reliable in (
+            ("start of phase 2", result.pretrained, start, result.reliable_start),
+            ("end", result.embedding, result.labels, result.reliable)):
+        drawn = draw_combinations([np.flatnonzero(reliable & (clusters == k))], m, count, rng)
+        combos = (convex_combinations(torch.as_tensor(codes), *drawn[1:])[0].numpy() if drawn
+                  else np.empty((0, codes.shape[1])))
+        panels.append((f"cluster {k}, {when}", codes, clusters, reliable, k, combos))
+    return panels
 
 
 DROPPED = "dropped by preprocessing: no counts"  # the note of an input cell without a cluster

@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import scipy.optimize
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -2385,15 +2386,37 @@ def _plot_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_plot_draws_three_pngs(tmp_path, capsys):
+def test_plot_draws_its_pngs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     code, out = _plot_run(tmp_path)
     assert code == 0
-    pictures = ["embedding.png", "fig2.png", "losses.png"]
+    pictures = ["convexity.png", "embedding.png", "fig2.png", "losses.png"]
     assert sorted(p.name for p in out.glob("*.png")) == pictures
     for name in pictures:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert capsys.readouterr().out.splitlines()[-1].endswith("fig2.png embedding.png losses.png")
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        "fig2.png embedding.png losses.png convexity.png")
+
+
+def test_convexity_panels_show_convex_combinations_of_one_clusters_reliable_cells():
+    """The cluster with the most reliable cells at the start (clusters: nearest start mean),
+    and each combination a convex combination of m of its reliable cells (it lies in their
+    convex hull: a least-squares fit with weights >= 0 summing to 1 reproduces it)."""
+    rng = np.random.default_rng(0)
+    pretrained = np.concatenate([rng.normal(c, 0.3, (40, 2)) for c in ((0, 0), (3, 0), (0, 3))])
+    start = np.repeat([0, 1, 2], 40)
+    reliable_start = rng.random(120) < np.repeat([0.2, 0.6, 0.4], 40)
+    result = sctcm.Result(labels=start, embedding=pretrained + 1, pretrained=pretrained,
+                          start=start, reliable=reliable_start, reliable_start=reliable_start)
+    panels = sctcm.convexity_panels(result, m=3, count=50)
+    assert [panel[4] for panel in panels] == [1, 1]
+    for title, codes, clusters, reliable, k, combos in panels:
+        members = codes[reliable & (clusters == k)]
+        for point in combos:
+            weights = scipy.optimize.nnls(np.vstack([members.T, np.ones(len(members))]),
+                                          np.append(point, 1.0))[0]
+            assert np.allclose(weights @ members, point, atol=1e-5)
+            assert weights.sum() == pytest.approx(1, abs=1e-5)
 
 
 def test_plot_without_matplotlib_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
