@@ -245,7 +245,8 @@ def protocol(out, files, seeds, candidates=CANDIDATES):
     """Markdown: phase 2's candidates on every file (final ARI mean ± sd over seeds, its change
     from the start, the clusters below m reliable cells at the start), then the choice made
     leave-one-file-out: for each file, the candidate with the best mean ARI over the other
-    files, and what it gives on the file left out."""
+    files, and what it gives on the file left out. Only candidates with every seed on every
+    file compete."""
     stems = [stem for stem, *_ in files]
     numbers = {(stem, c): _phase2_numbers(out, stem, c, seeds) for stem in stems
                for c in candidates}
@@ -263,15 +264,18 @@ def protocol(out, files, seeds, candidates=CANDIDATES):
             few = [r[2] for r in runs if r[2] is not None]
             cells.append(f"{_mean_std(final)} ({np.mean([a - b for a, b, _ in runs]):+.3f}"
                          + (f"; {np.mean(few):.1f} below m)" if few else ")"))
-        lines.append(f"| {c} | " + " | ".join(cells) + f" | {np.mean(means):.3f} |")
+        mean = f"{np.mean(means):.3f}" if means else ""
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {mean} |")
     lines += ["", "| left out | chosen on the other files | its ARI there | best there |",
               "|---|---|---|---|"]
-    mean_of = lambda stem, c: np.mean([r[0] for r in numbers[stem, c]] or [np.nan])
+    complete = [c for c in candidates  # only these compete: the same seeds on every file
+                if all(len(numbers[stem, c]) == len(seeds) for stem in stems)]
+    mean_of = lambda stem, c: np.mean([r[0] for r in numbers[stem, c]])
     left = []
     for stem in stems:
         others = [s for s in stems if s != stem]
-        chosen = max(candidates, key=lambda c: np.mean([mean_of(s, c) for s in others]))
-        best = max(candidates, key=lambda c: mean_of(stem, c))
+        chosen = max(complete, key=lambda c: np.mean([mean_of(s, c) for s in others]))
+        best = max(complete, key=lambda c: mean_of(stem, c))
         left.append(mean_of(stem, chosen))
         lines.append(f"| {stem} | {chosen} | {mean_of(stem, chosen):.3f} | {best} "
                      f"({mean_of(stem, best):.3f}) |")

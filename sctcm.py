@@ -152,10 +152,10 @@ class Config:
     beta_o: str = setting("auto", "Eq. (9) margin threshold", OrAuto(SHARE))
     reliable_frac: float = setting(0.15, '"auto": share of cells reliable when phase 2 starts',
                                    Interval(0, 1, "(]"))
-    reliable_rule: str = setting("global", '"auto" thresholds: one quantile of every cell\'s '
-                                 'margin, or one per (over)cluster so that each starts with '
-                                 'reliable_frac of its cells reliable',
-                                 OneOf(("global", "per-cluster")))
+    reliable_rule: str = setting("per-cluster", '"auto" thresholds: one per (over)cluster so '
+                                 'that each starts with reliable_frac of its cells reliable, or '
+                                 'one quantile of every cell\'s margin (global)',
+                                 OneOf(("per-cluster", "global")))
     update_every: int = setting(10, "epochs between recomputations of the targets q", COUNT)
     m_cvx: int = setting(3, "m, cells per convex combination, Eq. (11)", Interval(2))
     n_cvx: int = setting(64, "convex combinations per cluster and step, Eq. (11)", COUNT)

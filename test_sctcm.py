@@ -2520,6 +2520,34 @@ def test_evidence_measures_by_brute_force():
         (right[order[:30]].mean(), right[order[30:]].mean()))
 
 
+def _fake_run(folder, final, start, reliable_k):
+    """A finished run as protocol() reads it: summary.json and two phase-2 history rows."""
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"metrics": {"ari": final},
+                                                    "config": {"m_cvx": 3}}))
+    (folder / "history.csv").write_text(f"phase,epoch,ari,reliable_k\n2,0,{start},\n"
+                                        f"2,1,{start},{reliable_k}\n")
+
+
+def test_protocol_chooses_each_file_on_the_others_among_complete_candidates(tmp_path):
+    """Leave-one-file-out by hand: A wins f0 alone, B is steady, C (one file only) beats both
+    but never competes; the table shows every candidate's mean, sd, gain and clusters < m."""
+    finals = {"A": (0.9, 0.5, 0.5), "B": (0.6, 0.6, 0.6), "C": (0.99, None, None)}
+    for c, values in finals.items():
+        for f, value in enumerate(values):
+            if value is not None:
+                _fake_run(tmp_path / "runs" / f"f{f}" / c / "seed0", value, 0.55, "2 5 4")
+    table = reproduce.protocol(tmp_path, [("f0",), ("f1",), ("f2",)], range(1), ("A", "B", "C"))
+    assert _row(table, "| A |") == ["A", "0.900 ± 0.000 (+0.350; 1.0 below m)",
+                                    "0.500 ± 0.000 (-0.050; 1.0 below m)",
+                                    "0.500 ± 0.000 (-0.050; 1.0 below m)", "0.633"]
+    assert _row(table, "| C |")[2:4] == ["", ""]
+    assert _row(table, "| f0 |") == ["f0", "B", "0.600", "A (0.900)"]  # others: A 0.5, B 0.6
+    assert _row(table, "| f1 |") == ["f1", "A", "0.500", "B (0.600)"]  # others: A 0.7, B 0.6
+    assert _row(table, "| f2 |") == ["f2", "A", "0.500", "B (0.600)"]
+    assert _row(table, "| mean |")[2] == f"{(0.6 + 0.5 + 0.5) / 3:.3f}"
+
+
 @pytest.mark.parametrize("folder, message", [("missing", "no such folder"),
                                              ("empty", "no labelled")])
 @pytest.mark.slow
