@@ -779,7 +779,8 @@ LOG_KEYS = {  # history key -> its part of a log line, in the line's order
     "L_o": "L_o {L_o:.4f}",
     "L_g": "L_g {L_g:.4f}",
     "L_d": "L_d {L_d:.4f} (chance {L_d_chance:.4f})",
-    "idle": "too few confident cells in cluster {idle} (< m reliable): no pull, no L_d",
+    "idle": "fewer than m reliable cells in cluster {idle} (too small a cluster, or its cells "
+            "fell below beta since phase 2 began): no pull, no L_d",
     "reliable_c": "reliable {reliable_c}/{n}",
     "reliable_k": "by cluster {reliable_k}",
     "ID": "ID {ID:.2f}",
