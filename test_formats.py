@@ -47,15 +47,20 @@ def _assert_same(ds, x, labels):
     np.testing.assert_array_equal(ds.label_names[ds.labels], labels)
 
 
+def _write_matrix(f, name, x, sparse, dtype):
+    """x as f[name]: a CSR group (data/indices/indptr/shape) if sparse, else a dense dataset."""
+    if sparse:
+        _write_csr_group(f.create_group(name), x)
+    else:
+        f.create_dataset(name, data=x.astype(dtype))
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_load_xy_layout(tmp_path, sparse):
     x, labels = _toy()
     path = tmp_path / "toy.h5"
     with h5py.File(path, "w") as f:
-        if sparse:
-            _write_csr_group(f.create_group("X"), x)
-        else:
-            f.create_dataset("X", data=x.astype(np.int32))
+        _write_matrix(f, "X", x, sparse, np.int32)
         f.create_dataset("Y", data=_strings(labels))
         f.create_dataset("genes", data=_strings([f"g{j}" for j in range(x.shape[1])]))
     ds = formats.load(path)
@@ -82,10 +87,7 @@ def test_load_paper_layout(tmp_path, sparse):
     x, labels = _toy()
     path = tmp_path / "Quake_toy.h5"
     with h5py.File(path, "w") as f:
-        if sparse:
-            _write_csr_group(f.create_group("exprs"), x)
-        else:
-            f.create_dataset("exprs", data=x.astype(np.float64))
+        _write_matrix(f, "exprs", x, sparse, np.float64)
         f.create_group("obs").create_dataset("cell_type1", data=_strings(labels))
         f.create_dataset("obs_names", data=_strings([f"c{i}" for i in range(len(x))]))
         f.create_dataset("var_names", data=_strings([f"g{j}" for j in range(x.shape[1])]))
