@@ -2535,13 +2535,14 @@ def test_protocol_chooses_each_file_on_the_others_among_complete_candidates(tmp_
     finals = {"A": (0.9, 0.5, 0.5), "B": (0.6, 0.6, 0.6), "C": (0.99, None, None)}
     for c, values in finals.items():
         for f, value in enumerate(values):
-            if value is not None:
-                _fake_run(tmp_path / "runs" / f"f{f}" / c / "seed0", value, 0.55, "2 5 4")
-    table = reproduce.protocol(tmp_path, [("f0",), ("f1",), ("f2",)], range(1), ("A", "B", "C"))
+            for seed in (0, 1) if c != "C" else (0,):
+                if value is not None:
+                    _fake_run(tmp_path / "runs" / f"f{f}" / c / f"seed{seed}", value, 0.55, "2 5 4")
+    table = reproduce.protocol(tmp_path, [("f0",), ("f1",), ("f2",)], range(2), ("A", "B", "C"))
     assert _row(table, "| A |") == ["A", "0.900 ± 0.000 (+0.350; 1.0 below m)",
                                     "0.500 ± 0.000 (-0.050; 1.0 below m)",
                                     "0.500 ± 0.000 (-0.050; 1.0 below m)", "0.633"]
-    assert _row(table, "| C |")[2:4] == ["", ""]
+    assert _row(table, "| C |")[1:4] == ["0.990 (+0.440; 1.0 below m; 1 of 2 seeds)", "", ""]
     assert _row(table, "| f0 |") == ["f0", "B", "0.600", "A (0.900)"]  # others: A 0.5, B 0.6
     assert _row(table, "| f1 |") == ["f1", "A", "0.500", "B (0.600)"]  # others: A 0.7, B 0.6
     assert _row(table, "| f2 |") == ["f2", "A", "0.500", "B (0.600)"]
