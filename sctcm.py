@@ -1032,6 +1032,9 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     centres = phi["c"].detach().cpu().numpy()
     clusters, crowded = cluster_evidence(embedding, labels, centres, top2[:, 0], reliable,
                                          config.m_cvx)
+    thresholds = torch.as_tensor(beta["c"]).cpu().expand(n_clusters).tolist()
+    for row, threshold in zip(clusters, thresholds):
+        row["beta_c"] = threshold  # what a cell's margin must reach (Eq. 6) to be reliable
     alerts = run_warnings(report.rows) + crowded
     for line in alerts:
         log(f"warning: {line}")

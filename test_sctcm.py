@@ -1759,19 +1759,34 @@ def test_each_phase2_step_minimises_its_own_loss_on_its_own_cells(losses):
 
 
 def _reliable_by_hand(z, centres, beta):
-    """Eqs. (5)-(6) by hand: the cells whose top-1 minus top-2 soft assignment reaches beta,
-    and each cell's argmax."""
+    """Eqs. (5)-(6) by hand: the cells whose top-1 minus top-2 soft assignment reaches beta
+    (one number, or one per cluster read at the cell's argmax), and each cell's argmax."""
     p = _student_t(torch.as_tensor(z, dtype=torch.float64), torch.as_tensor(centres).double())
-    return _margins(p) >= beta, p.argmax(1).numpy(), p
+    argmax = p.argmax(1).numpy()
+    threshold = np.asarray(beta)[argmax] if np.ndim(beta) else beta
+    return _margins(p) >= threshold, argmax, p
+
+
+def _check_auto_start(beta, p, omega, rule):
+    """"auto" at the start: reliable_frac (0.15) of the cells reliable, each beta the quantile
+    of the margins of all cells (global) or of the cells whose argmax is its cluster."""
+    margins, argmax = _margins(p), p.argmax(1).numpy()
+    groups = [np.ones(len(p), bool)] if rule == "global" else [argmax == k for k in
+                                                               range(p.shape[1])]
+    for k, cells in enumerate(groups):
+        expected = np.quantile(margins[cells], 1 - 0.15)
+        assert np.atleast_1d(np.asarray(beta))[k] == pytest.approx(expected, abs=1e-6)
+        assert abs(omega[cells].mean() - 0.15) <= 2 / cells.sum()
 
 
 @pytest.mark.slow
-def test_targets_reliable_sets_and_convex_combinations_follow_eqs_6_9_and_11():
+@pytest.mark.parametrize("rule", ["per-cluster", "global"])
+def test_targets_reliable_sets_and_convex_combinations_follow_eqs_6_9_and_11(rule):
     """At each target update, Omega_c and Omega_o are the cells whose margins reach beta_c and
-    beta_o respectively (each threshold set by "auto" so that reliable_frac of the cells are
-    reliable when phase 2 starts), q is one-hot on Omega and p elsewhere; every convex
-    combination and every real sample of discriminator k is drawn from the reliable cells that
-    cluster k holds (C_k intersected with Omega_c)."""
+    beta_o respectively (each threshold set by "auto" so that reliable_frac of the cells, or of
+    each (over)cluster's cells, are reliable when phase 2 starts), q is one-hot on Omega and p
+    elsewhere; every convex combination and every real sample of discriminator k is drawn from
+    the reliable cells that cluster k holds (C_k intersected with Omega_c)."""
     prepared, adjacency = _tiny_problem()
     reliable, updates = {}, []
 
@@ -1782,11 +1797,11 @@ def test_targets_reliable_sets_and_convex_combinations_follow_eqs_6_9_and_11():
             z = sctcm.codes(state.model, sctcm.tensors(prepared, adjacency, "cpu")).numpy()
             for key in ("c", "o"):
                 phi = state.phi[key].detach().numpy()
-                omega, argmax, p = _reliable_by_hand(z, phi, state.beta[key])
-                if not updates:  # the start: "auto" makes reliable_frac of the cells reliable
-                    assert state.beta[key] == pytest.approx(
-                        np.quantile(_margins(p), 1 - 0.15), abs=1e-6)
-                    assert abs(omega.mean() - 0.15) <= 2 / len(z)
+                beta = state.beta[key]
+                beta = beta.cpu().numpy() if torch.is_tensor(beta) else beta
+                omega, argmax, p = _reliable_by_hand(z, phi, beta)
+                if not updates:
+                    _check_auto_start(beta, p, omega, rule)
                 np.testing.assert_array_equal(state.reliable[key].numpy(), omega)
                 onehot = np.eye(p.shape[1])[argmax]
                 expected = np.where(omega[:, None], onehot, p.numpy())
@@ -1801,7 +1816,7 @@ def test_targets_reliable_sets_and_convex_combinations_follow_eqs_6_9_and_11():
                     assert omega[cells].all() and (argmax[cells] == k).all()
 
     _watched_fit(prepared, adjacency, check, max_epochs=9, min_epochs=9, eval_every=9,
-                 update_every=3)
+                 update_every=3, reliable_rule=rule)
     assert updates == [1, 4, 7]
     assert sum(reliable["c"][0]) >= 3  # the check above did look at reliable cells
 
@@ -2189,9 +2204,10 @@ def _read_csv(path):
 def test_a_runs_files_give_every_input_cell_its_evidence(tmp_path):
     """labels.csv holds every input cell: a dropped one with an empty cluster and a note; a kept
     one with its cluster, the confidence and margin of Eq. (5) recomputed here from
-    embedding.csv and centres.csv, reliable = margin >= beta_c, and the baseline's cluster
-    (k-means on the principal components). clusters.csv counts them; results.h5ad holds the
-    same rows, read back by formats.read_obs; the folder has the user's umask permissions."""
+    embedding.csv and centres.csv, reliable = margin >= its cluster's beta_c (clusters.csv),
+    and the baseline's cluster (k-means on the principal components). clusters.csv counts
+    them; results.h5ad holds the same rows, read back by formats.read_obs; the folder has the
+    user's umask permissions."""
     counts, labels = _counts_with_empty_rows()
     _write(tmp_path / "toy.h5", X=counts, Y=labels)
     old = os.umask(0o027)
@@ -2218,9 +2234,12 @@ def test_a_runs_files_give_every_input_cell_its_evidence(tmp_path):
     assert np.allclose(margin, p[:, -1] - p[:, -2], rtol=1e-4, atol=1e-6)
     summary = json.loads((out / "summary.json").read_text())
     history = _read_csv(out / "history.csv")
-    beta_c = float(next(row["beta_c"] for row in history if row["epoch"] == "0"))
+    beta_c = {row["cluster"]: float(row["beta_c"]) for row in _read_csv(out / "clusters.csv")}
+    start = next(row for row in history if row["phase"] == "2" and row["epoch"] == "0")
+    assert np.mean(list(beta_c.values())) == pytest.approx(float(start["beta_c"]), rel=1e-5)
     reliable = np.array([row["reliable"] == "true" for row in kept])
-    assert np.array_equal(reliable, margin >= beta_c - 1e-6)
+    threshold = np.array([beta_c[row["cluster"]] for row in kept])
+    assert np.array_equal(reliable, margin >= threshold - 1e-6)
     prepared = datasets.preprocess(datasets.from_counts(counts, labels), n_top_genes=1500)
     baseline = clustering.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0]
     assert [int(row["baseline"]) for row in kept] == baseline.tolist()
