@@ -152,6 +152,18 @@ def merge_overclusters(a, over, k, resolution=0.5):
     return group[over]
 
 
+def merges(a, restarts, k, resolution=0.5):
+    """Each of kmeans_restarts' overclusterings merged on the graph A down to k clusters
+    (merge_overclusters) -> one partition (n,) per restart, in the restarts' order."""
+    return [merge_overclusters(a, over, k, resolution) for _, over, _ in restarts]
+
+
+def most_kept(x, partitions):
+    """The partition whose cluster means keep most of its points (kept), the first of equals:
+    of the merges of every restart, the one Eq. (5)'s centres at its means describe best."""
+    return max(partitions, key=lambda partition: kept(x, partition))
+
+
 def check_partition(labels, n, k):
     """labels as an array, or ValueError unless it puts each of n points in one of the clusters
     0..k-1 and leaves none of them empty (fit's start: phi^c is the mean code of each)."""
@@ -197,6 +209,13 @@ def matching(y, pred):
     classes, clusters = np.unique(y[y >= 0]), np.unique(pred[y >= 0])
     rows, cols = linear_sum_assignment(-_contingency(y, pred))
     return {int(clusters[j]): int(classes[i]) for i, j in zip(rows, cols)}
+
+
+def renamed(y, pred):
+    """pred with each cluster named after its class under ACC's map (matching), -1 for a cluster
+    left without a class: where renamed(y, pred) == y, a cell's cluster is its type."""
+    classes = matching(y, pred)
+    return np.array([classes.get(int(c), -1) for c in np.asarray(pred)], dtype=np.int64)
 
 
 def nmi(y, pred):
@@ -276,13 +295,12 @@ def most_central(partitions):
 
 def stability(partitions, reference):
     """Per cell, the share of the partitions that put it in its cluster of `reference`, each
-    partition's clusters first renamed after the reference's by the Hungarian map (matching)
-    -> (n,) in [0, 1]; a cluster left without a match counts as a disagreement."""
+    partition's clusters first renamed after the reference's (renamed) -> (n,) in [0, 1]; a
+    cluster left without a match counts as a disagreement."""
     reference = np.asarray(reference)
     agree = np.zeros(len(reference))
     for partition in partitions:
-        renamed = matching(reference, partition)
-        agree += np.array([renamed.get(int(c), -1) for c in partition]) == reference
+        agree += renamed(reference, partition) == reference
     return agree / len(partitions)
 
 

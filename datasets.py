@@ -3,7 +3,7 @@ the encoder input and the ZINB target of the same cells and genes (Prepared), th
 A, and the synthetic demo data.
 
     file -> formats.load() -> Dataset -> preprocess() -> Prepared -> knn_graph(Prepared.x) -> A
-    counts in memory -> from_counts() -> Dataset (sctcm.cluster); Prepared and A -> sctcm.fit
+    counts in memory -> from_counts() -> Dataset (sctcm.cluster); Prepared and A -> training.fit
 
 Reading files (seven layouts, label files, which way a table lies) and writing a run's output
 folder are formats.py's; it builds its Dataset with what this file makes public (encode_labels,

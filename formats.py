@@ -2,8 +2,8 @@
 datasets.Dataset (load), and write a run's output folder. Nothing here knows about the model or
 changes a count: preprocessing, the kNN graph and the demo data are datasets.py's.
 
-    file -> load() -> datasets.Dataset -> datasets.preprocess() -> ... -> sctcm.fit
-    sctcm.fit's labels, codes and history -> write_run() -> publish() -> the output folder
+    file -> load() -> datasets.Dataset -> datasets.preprocess() -> ... -> training.fit
+    training.fit's labels, codes and history -> write_run() -> publish() -> the output folder
 
 load() reads seven layouts, one reader each, in this order:
   X/Y (_read_xy): HDF5 with X (counts, dense or a CSR group data, indices, indptr, shape) and Y

@@ -1,7 +1,7 @@
 """The pictures of a run: the paper's Fig. 2 (ID and LID per logged epoch), the latent space and
 the losses. matplotlib is an optional extra (not in requirements.txt): it is imported inside the
 functions, which raise ImportError where it is not installed. Each function reads a run's
-history rows (sctcm.fit's, or history.csv's strings) and arrays, never the model.
+history rows (training.fit's, or history.csv's strings) and arrays, never the model.
 """
 import numpy as np
 
@@ -131,8 +131,7 @@ def _scatter(ax, title, codes, groups, names, colours, labels=None):
         ax.scatter(*pcs[groups == j].T, s=4, label=name,
                    color=colour(j if colours is None else colours[j]))
     if colours is not None and labels is not None:
-        renamed = clustering.matching(labels, groups)
-        wrong = (labels >= 0) & (np.array([renamed.get(int(g), -2) for g in groups]) != labels)
+        wrong = (labels >= 0) & (clustering.renamed(labels, groups) != labels)
         ax.scatter(*pcs[wrong].T, s=10, marker="x", lw=0.6, color="black",
                    label=f"error ({wrong.mean():.1%})")
     ax.set(title=title, xlabel="PC 1 of Z", ylabel="PC 2 of Z")

@@ -40,7 +40,10 @@ import datasets
 import formats
 import geometry
 import sctcm
+import training
 from clustering import ari, centroid_ari, kmeans, scores, spectral_clustering
+from model import (Config, clustering_loss, feature_loss, optimise, self_supervised_loss,
+                   self_supervision, soft_assign, structure_loss, target_distribution)
 from plots import plot_fig2
 
 SCTCM = Path(__file__).resolve().with_name("sctcm.py")
@@ -130,7 +133,7 @@ def references(dataset, k, seeds, codes):
     partition the paper's phase 2 starts from. Last, a diagnostic that reads the labels: the
     centroid_ari of scTCM's final codes `codes` (one array per finished run), how well they
     separate the types once the types' centres are known. -> {row name: [scores per seed]}."""
-    config = sctcm.Config()
+    config = Config()
     prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
     pcs = datasets.pca(prepared.x, config.n_pcs)
     graph = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
@@ -318,24 +321,21 @@ def benchmark(path, n_clusters, repeats=3, **config):
     with the ZINB loss (Eq. 3), the structure loss (Eq. 2) and the clustering loss (Eqs. 5-7) on
     the Batch of one epoch; a phase-1 evaluation (codes, k-means with 3 restarts, ID/LID,
     scores) divided by eval_every; and a whole phase-1 epoch (forward, backward, Adam step)."""
-    config = sctcm.Config(**config)
+    config = Config(**config)
     prepared, adjacency = sctcm.prepare(formats.load(path), n_clusters, config)
-    data, sampler, model = sctcm.setup(prepared, adjacency, config)
+    data, sampler, model = training.setup(prepared, adjacency, config)
     n = len(prepared.x)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr_pretrain)
-    z = sctcm.codes(model, data)
+    z = training.codes(model, data)
     phi = z[torch.randperm(n)[:n_clusters]]
-    q, _ = sctcm.target_distribution(sctcm.soft_assign(z, phi), 0.1)
+    q, _ = target_distribution(soft_assign(z, phi), 0.1)
 
     def backward(loss_of_codes):
         loss_of_codes(z.clone().requires_grad_()).backward()
 
-    def clustering_loss(codes):
-        batch = sampler()
-        return sctcm.kl_divergence(batch.rows(q), sctcm.soft_assign(batch.rows(codes), phi))
 
     def evaluation():
-        codes = sctcm.codes(model, data).cpu().numpy()
+        codes = training.codes(model, data).cpu().numpy()
         km = kmeans(codes, n_clusters, seed=config.seed, n_init=3)[0]
         geometry.cluster_geometry(codes, km)
         if prepared.labels is not None:
@@ -343,15 +343,15 @@ def benchmark(path, n_clusters, repeats=3, **config):
             centroid_ari(prepared.labels, codes)
 
     def epoch():
-        out = sctcm.self_supervision(model, data, sampler(), config.block)
-        sctcm.optimise(optimizer, config.w_x * out.l_x + config.w_a * out.l_a)
+        out = self_supervision(model, data, sampler(), config.block)
+        optimise(optimizer, self_supervised_loss(out, config))
 
     parts = {
         "encoder": lambda: model.encoder(data["x"], data["a_norm"]).sum().backward(),
-        "ZINB": lambda: backward(lambda c: sctcm.feature_loss(model, data, c, sampler())[1]),
+        "ZINB": lambda: backward(lambda c: feature_loss(model, data, c, sampler())[1]),
         "structure": lambda: backward(
-            lambda c: sctcm.structure_loss(c, data["edges"], config.block, sampler().pairs)),
-        "clustering": lambda: backward(clustering_loss),
+            lambda c: structure_loss(c, data["edges"], config.block, sampler().pairs)),
+        "clustering": lambda: backward(lambda c: clustering_loss(q, c, phi, sampler())),
         "evaluation": evaluation,
         "phase-1 epoch": epoch,
     }
@@ -370,9 +370,8 @@ def benchmark(path, n_clusters, repeats=3, **config):
 
 
 def right_cells(y, pred):
-    """Whether each labelled cell's cluster is its type under ACC's map (clustering.matching)."""
-    renamed = clustering.matching(y, pred)
-    return np.array([renamed.get(int(c), -1) for c in pred]) == y
+    """Whether each labelled cell's cluster is its type under ACC's map (clustering.renamed)."""
+    return clustering.renamed(y, pred) == y
 
 
 def auroc(signal, right):
@@ -407,11 +406,11 @@ def evidence(folder, seeds=3, stems=None, **config):
     print("|---|---|---|---|---|---|")
     kept_rows = []
     for stem, path, k, dataset in labelled_files(folder, stems):
-        settings = sctcm.Config(**config)
+        settings = Config(**config)
         prepared, adjacency = sctcm.prepare(dataset, [k], settings)
         y, began, runs = prepared.labels, time.time(), []
         for seed in range(seeds):
-            runs.append(sctcm.fit(prepared, adjacency, k, sctcm.Config(**{**config,
+            runs.append(training.fit(prepared, adjacency, k, Config(**{**config,
                                                                           "seed": seed}),
                                   log=quiet))
             run, labelled = runs[-1], y >= 0
@@ -449,10 +448,10 @@ def k_choice(folder, ks=range(4, 21), stems=None, **config):
           "K | ARI at the types' K | K where the start's ARI peaks |")
     print("|---|---|---|---|---|---|---|")
     for stem, path, k, dataset in labelled_files(folder, stems):
-        settings = sctcm.Config(**config)
+        settings = Config(**config)
         prepared, adjacency = sctcm.prepare(dataset, ks + [k], settings)
         rows, recommended, pretrained = sctcm.choose_k(prepared, adjacency, ks, settings, quiet)
-        final = {kk: sctcm.fit(prepared, adjacency, kk, settings, log=quiet,
+        final = {kk: training.fit(prepared, adjacency, kk, settings, log=quiet,
                                pretrained=pretrained).metrics["ari"] for kk in {recommended, k}}
         peak = max(rows, key=lambda row: row["ari"])["k"]
         near = abs(recommended - k) <= max(2, 0.2 * k)
@@ -465,17 +464,20 @@ def depth_series(depths=(1e3, 3e3, 3e4, 3e5, 3e6), seeds=(0, 1, 2), scale=1, **c
     depth, their counts times scale, one default run per seed (config: other Config fields),
     one markdown row each: depth, scale, seed, ARI, L_A at the end of phase 1, beta_c, reliable
     cells at the end, seconds, warnings."""
+    quiet = lambda line: None
     for depth in depths:
         for seed in seeds:
             data = datasets.synthetic(depth=depth)
             data.counts = data.counts * np.int64(scale)
-            settings, start, lines = sctcm.Config(seed=seed, **config), time.time(), []
+            settings, start = Config(seed=seed, **config), time.time()
             prepared, adjacency = sctcm.prepare(data, 6, settings)
-            result = sctcm.fit(prepared, adjacency, 6, settings, log=lines.append)
+            result = sctcm.evidence(training.fit(prepared, adjacency, 6, settings, log=quiet),
+                                    settings, quiet)
             l_a = [row for row in result.history if row["phase"] == 1][-1]["L_A"]
-            beta_c = next(line for line in lines if "beta_c" in line).split()[4]
+            beta_c = next(row for row in result.history if row["phase"] == 2)["beta_c"]
             print(f"| {depth:,.0f} | {scale} | {seed} | {result.metrics['ari']:.3f} | {l_a:.2f} | "
-                  f"{beta_c} | {result.history[-1]['reliable_c']} | {time.time() - start:.0f} | "
+                  f"{beta_c:.4f} | {result.history[-1]['reliable_c']} | "
+                  f"{time.time() - start:.0f} | "
                   f"{len(result.metrics['warnings'])} |", flush=True)
 
 

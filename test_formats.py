@@ -21,8 +21,8 @@ import datasets
 import formats
 import reproduce
 import sctcm
-from test_sctcm import (QUICK, REPO, _cli, _refused, _strings, _toy, _toy_csv, _write,
-                        _write_anndata_matrix, _write_h5ad)
+from testkit import (QUICK, REPO, refused, run_cli, strings, toy, toy_csv, write_anndata_matrix,
+                     write_arrays, write_h5ad)
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -57,12 +57,12 @@ def _write_matrix(f, name, x, sparse, dtype):
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_load_xy_layout(tmp_path, sparse):
-    x, labels = _toy()
+    x, labels = toy()
     path = tmp_path / "toy.h5"
     with h5py.File(path, "w") as f:
         _write_matrix(f, "X", x, sparse, np.int32)
-        f.create_dataset("Y", data=_strings(labels))
-        f.create_dataset("genes", data=_strings([f"g{j}" for j in range(x.shape[1])]))
+        f.create_dataset("Y", data=strings(labels))
+        f.create_dataset("genes", data=strings([f"g{j}" for j in range(x.shape[1])]))
     ds = formats.load(path)
     _assert_same(ds, x, labels)
     assert sp.issparse(ds.counts) and ds.counts.dtype == np.float32
@@ -70,13 +70,13 @@ def test_load_xy_layout(tmp_path, sparse):
 
 
 def test_load_xy_integer_labels_with_names(tmp_path):
-    x, _ = _toy()
+    x, _ = toy()
     y = np.arange(len(x)) % 3 + 1  # codes 1..3 of the four names: "zero" never occurs
     path = tmp_path / "toy.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("X", data=x)
         f.create_dataset("Y", data=y)
-        f.create_dataset("cell_types", data=_strings(["zero", "one", "two", "three"]))
+        f.create_dataset("cell_types", data=strings(["zero", "one", "two", "three"]))
     ds = formats.load(path)
     np.testing.assert_array_equal(ds.labels, y - 1)
     np.testing.assert_array_equal(ds.label_names, ["one", "two", "three"])
@@ -84,13 +84,13 @@ def test_load_xy_integer_labels_with_names(tmp_path):
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_load_paper_layout(tmp_path, sparse):
-    x, labels = _toy()
+    x, labels = toy()
     path = tmp_path / "Quake_toy.h5"
     with h5py.File(path, "w") as f:
         _write_matrix(f, "exprs", x, sparse, np.float64)
-        f.create_group("obs").create_dataset("cell_type1", data=_strings(labels))
-        f.create_dataset("obs_names", data=_strings([f"c{i}" for i in range(len(x))]))
-        f.create_dataset("var_names", data=_strings([f"g{j}" for j in range(x.shape[1])]))
+        f.create_group("obs").create_dataset("cell_type1", data=strings(labels))
+        f.create_dataset("obs_names", data=strings([f"c{i}" for i in range(len(x))]))
+        f.create_dataset("var_names", data=strings([f"g{j}" for j in range(x.shape[1])]))
     ds = formats.load(path)
     _assert_same(ds, x, labels)
     assert ds.cell_names[2] == "c2" and ds.gene_names[-1] == f"g{x.shape[1] - 1}"
@@ -99,18 +99,18 @@ def test_load_paper_layout(tmp_path, sparse):
 @pytest.mark.parametrize("fmt", ["dense", "csr", "csc"])
 @pytest.mark.parametrize("categorical", ["codes", "__categories"])
 def test_load_h5ad(tmp_path, fmt, categorical):
-    x, labels = _toy()
+    x, labels = toy()
     path = tmp_path / "toy.h5ad"
-    _write_h5ad(path, x, labels, fmt, categorical)
+    write_h5ad(path, x, labels, fmt, categorical)
     ds = formats.load(path)
     _assert_same(ds, x, labels)
     assert ds.cell_names[1] == "c1" and ds.gene_names[0] == "g0" and ds.notes == []
 
 
 def test_load_h5ad_label_key(tmp_path):
-    x, labels = _toy()
+    x, labels = toy()
     path = tmp_path / "toy.h5ad"
-    _write_h5ad(path, x, labels)
+    write_h5ad(path, x, labels)
     with h5py.File(path, "a") as f:
         f["obs"].create_dataset("batch", data=np.arange(len(x)) % 2)
     ds = formats.load(path, label_key="batch")
@@ -121,7 +121,7 @@ def test_load_h5ad_label_key(tmp_path):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_load_10x_folder(tmp_path, gz):
-    x, _ = _toy()
+    x, _ = toy()
     folder = tmp_path / "filtered_feature_bc_matrix"
     folder.mkdir()
     scipy.io.mmwrite(folder / "matrix.mtx", sp.coo_matrix(x.T), field="integer")  # genes x cells
@@ -139,7 +139,7 @@ def test_load_10x_folder(tmp_path, gz):
 
 
 def test_load_10x_genes_tsv(tmp_path):
-    x, _ = _toy()
+    x, _ = toy()
     scipy.io.mmwrite(tmp_path / "matrix.mtx", sp.coo_matrix(x.T))
     (tmp_path / "genes.tsv").write_text("".join(f"ENSG{j}\tg{j}\n" for j in range(x.shape[1])))
     (tmp_path / "barcodes.tsv").write_text("".join(f"b{i}\n" for i in range(len(x))))
@@ -150,7 +150,7 @@ def test_load_10x_genes_tsv(tmp_path):
 
 @pytest.mark.parametrize("name, sep, corner", [("toy.csv", ",", True), ("toy.tsv.gz", "\t", False)])
 def test_load_csv_tsv(tmp_path, name, sep, corner):
-    x, _ = _toy()
+    x, _ = toy()
     header = ([""] if corner else []) + [f"g{j}" for j in range(x.shape[1])]
     lines = [sep.join(header)] + [sep.join([f"c{i}"] + [str(v) for v in row])
                                   for i, row in enumerate(x)]
@@ -163,11 +163,11 @@ def test_load_csv_tsv(tmp_path, name, sep, corner):
 
 
 def test_load_transposes_matrices_written_from_r(tmp_path):
-    x, labels = _toy()
+    x, labels = toy()
     path = tmp_path / "from_r.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("X", data=x.T)  # genes x cells, as rhdf5 writes a cells x genes R matrix
-        f.create_dataset("Y", data=_strings(labels))
+        f.create_dataset("Y", data=strings(labels))
     ds = formats.load(path)
     _assert_same(ds, x, labels)
     assert len(ds.notes) == 1 and "transposed" in ds.notes[0] and "\n" not in ds.notes[0]
@@ -175,7 +175,7 @@ def test_load_transposes_matrices_written_from_r(tmp_path):
     path = tmp_path / "from_r_paper.h5"  # no labels: the cell names decide
     with h5py.File(path, "w") as f:
         _write_csr_group(f.create_group("exprs"), x.T)
-        f.create_dataset("obs_names", data=_strings([f"c{i}" for i in range(len(x))]))
+        f.create_dataset("obs_names", data=strings([f"c{i}" for i in range(len(x))]))
     ds = formats.load(path)
     np.testing.assert_array_equal(ds.counts.toarray(), x)
     assert "transposed" in ds.notes[0]
@@ -183,11 +183,11 @@ def test_load_transposes_matrices_written_from_r(tmp_path):
 
 @pytest.mark.parametrize("chunks", [None, (4, 12)])
 def test_load_reads_a_dense_matrix_in_blocks(tmp_path, monkeypatch, chunks):
-    x, labels = _toy()  # 30 x 12
+    x, labels = toy()  # 30 x 12
     path = tmp_path / "toy.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("X", data=x, chunks=chunks)
-        f.create_dataset("Y", data=_strings(labels))
+        f.create_dataset("Y", data=strings(labels))
     monkeypatch.setattr(formats, "BLOCK_ENTRIES", 7 * 12)  # 7 rows a block (4 when chunked)
     _assert_same(formats.load(path), x, labels)
 
@@ -200,10 +200,10 @@ def _barcodes(n, seed=0):
 
 def _write_xy(path, x, labels=None, genes=None, cells=None):
     """The toy data in the X/Y layout, the reference every other layout is compared with."""
-    arrays = dict(X=x, Y=None if labels is None else _strings(labels),
-                  genes=None if genes is None else _strings(genes),
-                  cells=None if cells is None else _strings(cells))
-    return _write(path, **{key: value for key, value in arrays.items() if value is not None})
+    arrays = dict(X=x, Y=None if labels is None else strings(labels),
+                  genes=None if genes is None else strings(genes),
+                  cells=None if cells is None else strings(cells))
+    return write_arrays(path, **{key: value for key, value in arrays.items() if value is not None})
 
 
 def _assert_same_as_xy(ds, tmp_path, x, labels=None, genes=None, cells=None):
@@ -233,28 +233,28 @@ def _write_cellranger(path, x, genes, barcodes, version=3, other=()):
     with h5py.File(path, "w") as f:
         f.attrs["filetype"], f.attrs["version"] = "matrix", 2
         group = f.create_group("matrix" if version == 3 else "mm10")
-        group.create_dataset("barcodes", data=_strings(barcodes))
+        group.create_dataset("barcodes", data=strings(barcodes))
         group.create_dataset("data", data=m.data.astype(np.int32), compression="gzip")
         group.create_dataset("indices", data=m.indices.astype(np.int64), compression="gzip")
         group.create_dataset("indptr", data=m.indptr.astype(np.int64))
         group.create_dataset("shape", data=np.array(m.shape, dtype=np.int32))
-        ids = _strings([f"ENSMUSG{j:011d}" for j in range(len(names))])
+        ids = strings([f"ENSMUSG{j:011d}" for j in range(len(names))])
         if version == 2:
             group.create_dataset("genes", data=ids)
-            group.create_dataset("gene_names", data=_strings(names))
+            group.create_dataset("gene_names", data=strings(names))
             return path
         features = group.create_group("features")
-        features.create_dataset("_all_tag_keys", data=_strings(["genome"]))
-        features.create_dataset("feature_type", data=_strings(types))
-        features.create_dataset("genome", data=_strings(["mm10"] * len(names)))
+        features.create_dataset("_all_tag_keys", data=strings(["genome"]))
+        features.create_dataset("feature_type", data=strings(types))
+        features.create_dataset("genome", data=strings(["mm10"] * len(names)))
         features.create_dataset("id", data=ids)
-        features.create_dataset("name", data=_strings(names))
+        features.create_dataset("name", data=strings(names))
     return path
 
 
 @pytest.mark.parametrize("version", [3, 2])
 def test_load_cellranger_h5(tmp_path, version):
-    x, _ = _toy()
+    x, _ = toy()
     genes, cells = [f"Gene{j}" for j in range(x.shape[1])], _barcodes(len(x))
     ds = formats.load(_write_cellranger(tmp_path / "filtered.h5", x, genes, cells, version))
     _assert_same_as_xy(ds, tmp_path, x, genes=genes, cells=cells)
@@ -262,7 +262,7 @@ def test_load_cellranger_h5(tmp_path, version):
 
 
 def test_load_cellranger_h5_keeps_gene_expression_and_counts_the_rest(tmp_path):
-    x, _ = _toy()
+    x, _ = toy()
     genes, cells = [f"Gene{j}" for j in range(x.shape[1])], _barcodes(len(x))
     other = [("CD3_TotalSeqB", "Antibody Capture", np.arange(30)),
              ("CD4_TotalSeqB", "Antibody Capture", np.arange(30) % 7),
@@ -282,26 +282,26 @@ def _write_processed_h5ad(path, x, labels, counts_in="layers", more_genes=None):
     """An .h5ad saved after normalize_total and log1p: X normalised; the raw counts x kept in
     layers["counts"] (scvi-tools' convention) or in .raw (raw/X, raw/var), where raw can hold
     more genes than X (more_genes: their counts, the columns after x's)."""
-    _write_h5ad(path, _normalised(x), labels)
+    write_h5ad(path, _normalised(x), labels)
     with h5py.File(path, "r+") as f:
         layers = f.require_group("layers")
         layers.attrs["encoding-type"], layers.attrs["encoding-version"] = "dict", "0.1.0"
-        _write_anndata_matrix(layers, "lognorm", _normalised(x))
+        write_anndata_matrix(layers, "lognorm", _normalised(x))
         if counts_in == "layers":
-            _write_anndata_matrix(layers, "counts", x)
+            write_anndata_matrix(layers, "counts", x)
             return path
         raw_x = x if more_genes is None else np.hstack([x, more_genes])
         raw = f.create_group("raw")
         raw.attrs["encoding-type"], raw.attrs["encoding-version"] = "raw", "0.1.0"
-        _write_anndata_matrix(raw, "X", raw_x)
+        write_anndata_matrix(raw, "X", raw_x)
         var = raw.create_group("var")
         var.attrs["_index"], var.attrs["encoding-type"] = "_index", "dataframe"
-        var.create_dataset("_index", data=_strings([f"g{j}" for j in range(raw_x.shape[1])]))
+        var.create_dataset("_index", data=strings([f"g{j}" for j in range(raw_x.shape[1])]))
     return path
 
 
 def test_load_h5ad_finds_the_counts_in_layers_counts(tmp_path):
-    x, labels = _toy()
+    x, labels = toy()
     path = _write_processed_h5ad(tmp_path / "processed.h5ad", x, labels)
     genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
     ds = formats.load(path)
@@ -315,7 +315,7 @@ def test_load_h5ad_finds_the_counts_in_layers_counts(tmp_path):
 
 
 def test_load_h5ad_layer_raw_reads_raw_x_and_its_genes(tmp_path):
-    x, labels = _toy()
+    x, labels = toy()
     extra = np.arange(60).reshape(30, 2) % 4  # raw keeps two genes that X left out
     path = _write_processed_h5ad(tmp_path / "processed.h5ad", x, labels, "raw", extra)
     ds = formats.load(path, layer="raw")
@@ -351,7 +351,7 @@ def _write_loom(path, x, genes, cells, labels=None, layers=None):
 
 
 def test_load_loom(tmp_path):
-    x, labels = _toy()
+    x, labels = toy()
     genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
     path = _write_loom(tmp_path / "toy.loom", x, genes, cells, labels)
     ds = formats.load(path)
@@ -363,7 +363,7 @@ def test_load_loom(tmp_path):
 
 
 def test_load_loom_reads_a_layer_only_when_asked(tmp_path):
-    x, labels = _toy()
+    x, labels = toy()
     genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
     spliced = x // 2
     path = _write_loom(tmp_path / "velocyto.loom", x, genes, cells, labels, {"spliced": spliced})
@@ -389,11 +389,11 @@ def _synthetic_counts(n_cells=240, n_genes=120):
 
 
 ORIENTATION_EVIDENCE = [  # (counts, gene names, cell names, what the note gives as the reason)
-    (_toy()[0], [f"ENSMUSG{j:011d}" for j in range(12)], [f"cell{i}" for i in range(30)],
+    (toy()[0], [f"ENSMUSG{j:011d}" for j in range(12)], [f"cell{i}" for i in range(30)],
      "names look like gene ids or mitochondrial genes"),
-    (_toy()[0], ["Actb", "MT-CO1", "mt-Nd4l", *[f"Gm{j}" for j in range(9)]],
+    (toy()[0], ["Actb", "MT-CO1", "mt-Nd4l", *[f"Gm{j}" for j in range(9)]],
      [f"cell{i}" for i in range(30)], "names look like gene ids or mitochondrial genes"),
-    (_toy()[0], [f"Gene{j}" for j in range(12)], _barcodes(30), "names look like cell barcodes"),
+    (toy()[0], [f"Gene{j}" for j in range(12)], _barcodes(30), "names look like cell barcodes"),
     (_synthetic_counts()[0], [f"r{j}" for j in range(120)], [f"c{i}" for i in range(240)],
      "times wider, as genes' do"),
 ]
@@ -416,7 +416,7 @@ def test_load_tells_which_way_a_table_lies_and_says_so(tmp_path, x, genes, cells
 
 
 def test_load_transpose_says_which_way_a_table_lies(tmp_path):
-    x, _ = _toy()
+    x, _ = toy()
     genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
     path = _write_r_csv(tmp_path / "toy.csv", x, cells, genes)
     [note] = formats.load(path).notes  # Poisson counts, plain names: nothing tells the axes apart
@@ -427,7 +427,7 @@ def test_load_transpose_says_which_way_a_table_lies(tmp_path):
     assert flipped.notes == [] and formats.load(path, transpose=False).notes == []
     counts, _ = _synthetic_counts()
     # no labels, no names: the counts decide
-    path = _write(tmp_path / "genes_by_cells.h5", X=counts.T)
+    path = write_arrays(tmp_path / "genes_by_cells.h5", X=counts.T)
     ds = formats.load(path)
     assert ds.counts.shape == (240, 120) and "read the rows of X as genes" in ds.notes[0]
     assert formats.load(path, transpose=False).counts.shape == (120, 240)
@@ -450,7 +450,7 @@ def _write_label_file(path, names, labels, header=("barcode", "cell_type")):
                                           ("annotation.tsv.gz", None),
                                           ("annotation.txt", ("", "type"))])
 def test_load_label_file_matches_cells_by_name(tmp_path, name, header):
-    x, labels = _toy()
+    x, labels = toy()
     genes, cells = [f"Gene{j}" for j in range(12)], _barcodes(30)
     path = _write_cellranger(tmp_path / "filtered.h5", x, genes, cells)
     listed = ~MISSING  # the MISSING cells have no row; two rows name cells that are not in the file
@@ -468,9 +468,9 @@ def test_load_label_file_matches_cells_by_name(tmp_path, name, header):
 
 
 def test_label_file_replaces_the_files_labels_and_label_key_picks_its_column(tmp_path):
-    x, labels = _toy()
+    x, labels = toy()
     path = tmp_path / "toy.h5ad"
-    _write_h5ad(path, x, labels)
+    write_h5ad(path, x, labels)
     batch = np.array(["b1", "b2"])[np.arange(30) % 2]
     table = tmp_path / "obs.csv"  # what adata.obs.to_csv() writes: the index, then every column
     table.write_text(",n_genes,batch,cell_type\n" + "".join(
@@ -484,7 +484,7 @@ def test_label_file_replaces_the_files_labels_and_label_key_picks_its_column(tmp
 
 
 def test_label_file_tells_which_way_a_table_lies(tmp_path):
-    x, labels = _toy()  # plain names, Poisson counts: only the label file can tell the axes apart
+    x, labels = toy()  # plain names, Poisson counts: only the label file can tell the axes apart
     genes, cells = [f"g{j}" for j in range(12)], [f"c{i}" for i in range(30)]
     table = _write_label_file(tmp_path / "labels.csv", cells, labels)
     from_r = formats.load(_write_r_csv(tmp_path / "from_r.csv", x.T, genes, cells), labels=table)
@@ -505,21 +505,21 @@ MISSING = np.isin(np.arange(30), [0, 4, 5, 17, 29])  # toy cells without a label
 
 def _with_missing_labels(path, how):
     """The toy counts with labels missing for the MISSING cells, stored as `how` says."""
-    x, labels = _toy()
+    x, labels = toy()
     classes, codes = np.unique(labels, return_inverse=True)
     if how == "categorical code -1":  # how anndata stores NaN in a categorical column
-        _write_h5ad(path, x, labels)
+        write_h5ad(path, x, labels)
         with h5py.File(path, "r+") as f:
             f["obs/cell_type/codes"][...] = np.where(MISSING, -1, codes)
     elif how == "empty and NA strings":
         y = labels.astype(object)
         y[MISSING] = ["", "NA", "nan", " NaN ", "n/a"]
-        _write(path, X=x, Y=_strings(y))
+        write_arrays(path, X=x, Y=strings(y))
     elif how == "negative integers":
-        _write(path, X=x, Y=np.where(MISSING, -1 - np.arange(30) % 2, codes),
-               cell_types=_strings(classes))
+        write_arrays(path, X=x, Y=np.where(MISSING, -1 - np.arange(30) % 2, codes),
+               cell_types=strings(classes))
     else:  # NaN in a float column of codes
-        _write(path, X=x, Y=np.where(MISSING, np.nan, codes), cell_types=_strings(classes))
+        write_arrays(path, X=x, Y=np.where(MISSING, np.nan, codes), cell_types=strings(classes))
 
 
 @pytest.mark.slow
@@ -535,21 +535,21 @@ def test_load_keeps_cells_without_a_label_as_minus_1(tmp_path, how):
     path = tmp_path / ("toy.h5ad" if how.startswith("categorical") else "toy.h5")
     _with_missing_labels(path, how)
     ds = formats.load(path)
-    _, labels = _toy()
+    _, labels = toy()
     assert ds.counts.shape == (30, 12) and list(ds.label_names) == ["alpha", "beta", "delta"]
     np.testing.assert_array_equal(ds.labels == -1, MISSING)
     np.testing.assert_array_equal(ds.label_names[ds.labels[~MISSING]], labels[~MISSING])
 
 
 def test_a_file_whose_labels_are_all_missing_is_unlabelled(tmp_path):
-    x, _ = _toy()
-    ds = formats.load(_write(tmp_path / "toy.h5", X=x, Y=_strings(["NA"] * 30)))
+    x, _ = toy()
+    ds = formats.load(write_arrays(tmp_path / "toy.h5", X=x, Y=strings(["NA"] * 30)))
     assert ds.labels is None and ds.label_names is None
 
 
 # ---------------------------------------------------------------- bad files and bad counts
 # Every bad file ends in one line (a ValueError from load; on the command line, one line on
-# stderr, exit code 2 and nothing written: _refused; two of them as subprocesses, to see that
+# stderr, exit code 2 and nothing written: refused; two of them as subprocesses, to see that
 # no traceback gets out).
 
 
@@ -562,7 +562,7 @@ def test_bad_unknown_layout(tmp_path):
     (tmp_path / "counts.xlsx").write_text("not a matrix")
     with pytest.raises(ValueError, match=r"counts\.xlsx: unknown layout"):
         formats.load(tmp_path / "counts.xlsx")
-    path = _write(tmp_path / "other.h5", matrix=np.ones((3, 3)))
+    path = write_arrays(tmp_path / "other.h5", matrix=np.ones((3, 3)))
     with pytest.raises(ValueError, match=r"other\.h5: unknown HDF5 layout"):
         formats.load(path)
 
@@ -571,17 +571,17 @@ def test_bad_unknown_layout(tmp_path):
                                             (np.nan, "2 non-finite counts"),
                                             (0.5, "2 non-integer counts in X")])
 def test_bad_counts(tmp_path, value, message):
-    x, _ = _toy()
+    x, _ = toy()
     x = x.astype(np.float64)
     x[3, 4] = x[7, 1] = value
-    path = _write(tmp_path / "bad.h5", X=x)
+    path = write_arrays(tmp_path / "bad.h5", X=x)
     with pytest.raises(ValueError, match=rf"bad\.h5: {message}") as err:
         formats.load(path)
     assert "\n" not in str(err.value)
 
 
 def test_bad_inconsistent_csr_group(tmp_path):
-    x, _ = _toy()
+    x, _ = toy()
     path = tmp_path / "bad.h5"
     with h5py.File(path, "w") as f:
         _write_csr_group(f.create_group("X"), x)
@@ -593,8 +593,8 @@ def test_bad_inconsistent_csr_group(tmp_path):
 
 
 def test_bad_label_count(tmp_path):
-    x, labels = _toy()
-    path = _write(tmp_path / "bad.h5", X=x, Y=_strings(labels[:-1]))
+    x, labels = toy()
+    path = write_arrays(tmp_path / "bad.h5", X=x, Y=strings(labels[:-1]))
     with pytest.raises(ValueError, match=r"bad\.h5: 29 labels for 30 cells"):
         formats.load(path)
 
@@ -614,7 +614,7 @@ def _half(data):
 def _zeroed_chunk(path):
     """An HDF5 file whose second compressed chunk of X is overwritten with zeros."""
     with h5py.File(path, "w") as f:
-        f.create_dataset("X", data=_toy()[0], chunks=(10, 12), compression="gzip")
+        f.create_dataset("X", data=toy()[0], chunks=(10, 12), compression="gzip")
         chunk = f["X"].id.get_chunk_info(1)
     data = bytearray(path.read_bytes())
     data[chunk.byte_offset:chunk.byte_offset + chunk.size] = bytes(chunk.size)
@@ -622,7 +622,7 @@ def _zeroed_chunk(path):
 
 
 def _float_indices(path):
-    m = sp.csr_matrix(_toy()[0])
+    m = sp.csr_matrix(toy()[0])
     with h5py.File(path, "w") as f:
         _write_csr_group(f.create_group("X"), m)
         del f["X/indices"]
@@ -633,7 +633,7 @@ def _tenx(folder, broken):
     """A 10x folder of the toy counts whose matrix.mtx.gz is cut short or whose barcodes file
     is a folder."""
     folder.mkdir()
-    scipy.io.mmwrite(folder / "matrix.mtx", sp.coo_matrix(_toy()[0].T))
+    scipy.io.mmwrite(folder / "matrix.mtx", sp.coo_matrix(toy()[0].T))
     matrix = gzip.compress((folder / "matrix.mtx").read_bytes())
     (folder / "matrix.mtx").unlink()
     (folder / "matrix.mtx.gz").write_bytes(_half(matrix) if broken == "matrix" else matrix)
@@ -642,15 +642,15 @@ def _tenx(folder, broken):
 
 
 UNREADABLE = [  # (file, how to write it, what its one line says)
-    ("cut.h5", lambda p: p.write_bytes(_half(_write(p, X=_toy()[0]).read_bytes())),
+    ("cut.h5", lambda p: p.write_bytes(_half(write_arrays(p, X=toy()[0]).read_bytes())),
      r"cut\.h5: truncated: [\d,]+ of its [\d,]+ bytes"),
     ("zeroed.h5", _zeroed_chunk, r"zeroed\.h5: cannot be read \(.*read data"),
-    ("text.h5", lambda p: p.write_text(_toy_csv()), r"text\.h5: not an HDF5 file"),
+    ("text.h5", lambda p: p.write_text(toy_csv()), r"text\.h5: not an HDF5 file"),
     ("folder.h5", lambda p: p.mkdir(), r"folder\.h5: a folder where a file is expected"),
-    ("strings.h5", lambda p: _write(p, X=_strings([["1", "2"], ["3", "4"]])),
+    ("strings.h5", lambda p: write_arrays(p, X=strings([["1", "2"], ["3", "4"]])),
      r"strings\.h5: X holds non-numeric values"),
     ("compound.h5",
-     lambda p: _write(p, X=_toy()[0], Y=np.zeros(30, dtype=[("a", "i8"), ("b", "f8")])),
+     lambda p: write_arrays(p, X=toy()[0], Y=np.zeros(30, dtype=[("a", "i8"), ("b", "f8")])),
      r"compound\.h5: /Y is not an array of numbers or strings"),
     ("float_indices.h5", _float_indices,
      r"float_indices\.h5: group X: indices and indptr must be integers"),
@@ -658,11 +658,11 @@ UNREADABLE = [  # (file, how to write it, what its one line says)
     ("header.csv", lambda p: p.write_text("cell,g0,g1\n"), r"header\.csv: no data rows"),
     ("latin1.csv", lambda p: p.write_bytes("cell,gène\nc0,1\n".encode("latin-1")),
      r"latin1\.csv: holds text that is not UTF-8 \(byte 0xe8\)"),
-    ("cut.csv.gz", lambda p: p.write_bytes(_half(gzip.compress(_toy_csv().encode()))),
+    ("cut.csv.gz", lambda p: p.write_bytes(_half(gzip.compress(toy_csv().encode()))),
      r"cut\.csv\.gz: the compressed stream ends early"),
-    ("bad_crc.csv.gz", lambda p: p.write_bytes(gzip.compress(_toy_csv().encode())[:-8] + bytes(8)),
+    ("bad_crc.csv.gz", lambda p: p.write_bytes(gzip.compress(toy_csv().encode())[:-8] + bytes(8)),
      r"bad_crc\.csv\.gz: not a valid gzip file \(CRC check failed"),
-    ("plain.csv.gz", lambda p: p.write_text(_toy_csv()), r"plain\.csv\.gz: not a valid gzip file"),
+    ("plain.csv.gz", lambda p: p.write_text(toy_csv()), r"plain\.csv\.gz: not a valid gzip file"),
     ("cut_10x", lambda p: _tenx(p, "matrix"), r"matrix\.mtx\.gz: the compressed stream ends early"),
     ("folder_10x", lambda p: _tenx(p, "barcodes"),
      r"barcodes\.tsv\.gz: a folder where a file is expected"),
@@ -672,14 +672,14 @@ UNREADABLE = [  # (file, how to write it, what its one line says)
 @pytest.mark.parametrize("name, write, message", UNREADABLE, ids=[u[0] for u in UNREADABLE])
 def test_unreadable_file_is_one_line(capsys, tmp_path, name, write, message):
     write(tmp_path / name)
-    assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3"))
+    assert re.search(message, refused(capsys, tmp_path, tmp_path / name, "--clusters", "3"))
     with pytest.raises(ValueError, match=message):  # the same line from the Python API
         formats.load(tmp_path / name)
 
 
 def _cellranger_toy(path, change=None):
     """The toy counts as a Cell Ranger v3 file, then change(file) applied to it."""
-    x, _ = _toy()
+    x, _ = toy()
     _write_cellranger(path, x, [f"Gene{j}" for j in range(12)], _barcodes(30))
     if change:
         with h5py.File(path, "r+") as f:
@@ -688,7 +688,7 @@ def _cellranger_toy(path, change=None):
 
 def _only_antibodies(f):
     del f["matrix/features/feature_type"]
-    f["matrix/features/feature_type"] = _strings(["Antibody Capture"] * 12)
+    f["matrix/features/feature_type"] = strings(["Antibody Capture"] * 12)
 
 
 LABELS = ["--labels", "labels.csv"]
@@ -715,22 +715,23 @@ BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one 
      r"no_barcodes\.h5: /matrix/barcodes is missing"),
     ("no_names.h5", lambda p: _cellranger_toy(p, lambda f: f["matrix"].pop("features/name")),
      [], {}, r"no_names\.h5: /matrix/features/name is missing"),
-    ("spliced.h5ad", lambda p: _write_processed_h5ad(p, *_toy()), ["--layer", "spliced"],
+    ("spliced.h5ad", lambda p: _write_processed_h5ad(p, *toy()), ["--layer", "spliced"],
      dict(layer="spliced"), r"spliced\.h5ad: no layer 'spliced' \(it has counts, lognorm\)"),
-    ("in_raw.h5ad", lambda p: _write_processed_h5ad(p, *_toy(), counts_in="raw"), [], {},
+    ("in_raw.h5ad", lambda p: _write_processed_h5ad(p, *toy(), counts_in="raw"), [], {},
      r"in_raw\.h5ad: \d+ non-integer counts in X \(raw counts expected, not normalised or log "
      r"data\); --layer NAME reads the raw counts from one of its layers \(lognorm, raw\)"),
-    ("lognorm.h5ad", lambda p: _write_processed_h5ad(p, *_toy()), ["--layer", "lognorm"],
+    ("lognorm.h5ad", lambda p: _write_processed_h5ad(p, *toy()), ["--layer", "lognorm"],
      dict(layer="lognorm"), r"lognorm\.h5ad: \d+ non-integer counts in layers/lognorm"),
     ("no_matrix.loom",
-     lambda p: _drop(_write_loom(p, _toy()[0], [f"g{j}" for j in range(12)], _barcodes(30)),
+     lambda p: _drop(_write_loom(p, toy()[0], [f"g{j}" for j in range(12)], _barcodes(30)),
                      "matrix"),
      [], {}, r"no_matrix\.loom: /matrix is missing"),
-    ("xy_layer.h5", lambda p: _write(p, X=_toy()[0]), ["--layer", "counts"], dict(layer="counts"),
+    ("xy_layer.h5", lambda p: write_arrays(p, X=toy()[0]), ["--layer", "counts"],
+     dict(layer="counts"),
      r"xy_layer\.h5: a layer \(counts\) is for AnnData and loom files"),
-    ("layer.csv", lambda p: p.write_text(_toy_csv()), ["--layer", "counts"], dict(layer="counts"),
+    ("layer.csv", lambda p: p.write_text(toy_csv()), ["--layer", "counts"], dict(layer="counts"),
      r"layer\.csv: a layer \(counts\) is for AnnData and loom files"),
-    ("fixed.h5ad", lambda p: _write_h5ad(p, *_toy()), ["--transpose"], dict(transpose=True),
+    ("fixed.h5ad", lambda p: write_h5ad(p, *toy()), ["--transpose"], dict(transpose=True),
      r"fixed\.h5ad: transpose is for CSV/TSV tables and X/Y or exprs matrices"),
     ("one_column.h5", lambda p: _with_labels(p, "c0\nc1\n"), LABELS, dict(labels="labels.csv"),
      r"labels\.csv: one column; a label file has two, cell name and label"),
@@ -742,7 +743,7 @@ BAD_LAYOUTS = [  # (file, how to write it, flags, load() keywords, what its one 
      r"labels\.csv: none of its 3 names is a cell of the count matrix \(its first: 'c0'; the first "
      r"cell: '[ACGT]{16}-1'\)"),
     ("nameless.h5",
-     lambda p: (_write(p, X=_toy()[0]), (p.parent / "labels.csv").write_text("c0,a\n")),
+     lambda p: (write_arrays(p, X=toy()[0]), (p.parent / "labels.csv").write_text("c0,a\n")),
      LABELS, dict(labels="labels.csv"), r"labels\.csv: the count matrix has no cell names"),
     ("unlabelled.h5", _cellranger_toy, ["--labels", "nothing.csv"], dict(labels="nothing.csv"),
      r"nothing\.csv: no such label file"),
@@ -755,20 +756,20 @@ def test_bad_file_of_a_new_layout_is_one_line(capsys, tmp_path, monkeypatch, nam
                                               keywords, message):
     monkeypatch.chdir(tmp_path)  # label files are named relative to it
     write(tmp_path / name)
-    assert re.search(message, _refused(capsys, tmp_path, tmp_path / name, "--clusters", "3",
+    assert re.search(message, refused(capsys, tmp_path, tmp_path / name, "--clusters", "3",
                                        *flags))
     with pytest.raises(ValueError, match=message):
         formats.load(tmp_path / name, **keywords)
 
 
 def test_file_without_read_permission_is_one_line(capsys, tmp_path, monkeypatch):
-    (tmp_path / "locked.csv").write_text(_toy_csv())
+    (tmp_path / "locked.csv").write_text(toy_csv())
 
     def refuse(path):  # what open() raises for a file we may not read (root may read any file)
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(formats, "_open_text", refuse)
-    err = _refused(capsys, tmp_path, tmp_path / "locked.csv", "--clusters", "3")
+    err = refused(capsys, tmp_path, tmp_path / "locked.csv", "--clusters", "3")
     assert "locked.csv: permission denied" in err
 
 
@@ -777,7 +778,7 @@ def test_file_without_read_permission_is_one_line(capsys, tmp_path, monkeypatch)
 def test_unreadable_file_in_a_subprocess_has_no_traceback(tmp_path, name):
     write = next(w for n, w, _ in UNREADABLE if n == name)
     write(tmp_path / name)
-    run = _cli(name, "--clusters", "3", cwd=tmp_path)
+    run = run_cli(name, "--clusters", "3", cwd=tmp_path)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and name in lines[0], run.stderr
     assert "Traceback" not in run.stderr
@@ -786,8 +787,8 @@ def test_unreadable_file_in_a_subprocess_has_no_traceback(tmp_path, name):
 
 @pytest.mark.slow
 def test_reproduce_refuses_a_broken_file_of_the_folder_in_one_line(capsys, tmp_path):
-    x, labels = _toy()
-    _write(tmp_path / "a.h5", X=x, Y=_strings(labels))
+    x, labels = toy()
+    write_arrays(tmp_path / "a.h5", X=x, Y=strings(labels))
     (tmp_path / "b.h5").write_bytes(_half((tmp_path / "a.h5").read_bytes()))
     assert reproduce.main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
@@ -839,7 +840,7 @@ def test_real_h5ad_equals_h5():
 # ---------------------------------------------------------------- each layout on the command line
 
 
-# _write_h5ad's names
+# write_h5ad's names
 E2E_GENES, E2E_CELLS = [f"g{j}" for j in range(60)], [f"c{i}" for i in range(120)]
 
 
