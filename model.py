@@ -69,6 +69,15 @@ class Config:
                                  'one quantile of every cell\'s margin (global)',
                                  OneOf(("per-cluster", "global")))
     update_every: int = setting(10, "epochs between recomputations of the targets q", COUNT)
+    start_targets: int = setting(0, "phase-2 epochs whose targets q are the start itself, one-hot "
+                                 "at each cell's start cluster (0: Eq. 6 from the first epoch)",
+                                 Interval(0))
+    schedule: str = setting("paper", "phase 2's steps: c, o and g in turn, one an epoch (paper), "
+                            "or as the authors' code takes them: c and o on alternate epochs, g "
+                            "on 5 epochs of every 20 (authors)", OneOf(("paper", "authors")))
+    rewire: bool = setting(False, "not in the paper, the authors' code: at each target update "
+                           "every reliable cell gains an edge of A to the reliable cell nearest "
+                           "its cluster's centre")
     m_cvx: int = setting(3, "m, cells per convex combination, Eq. (11)", Interval(2))
     n_cvx: int = setting(64, "convex combinations per cluster and step, Eq. (11)", COUNT)
     min_epochs: int = setting(30, "phase 2 runs at least this long before the ID = LID stop",

@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +66,27 @@ VARIANTS = {  # the runs and the flags that make them
     # diagnoses: can the discriminators learn when nobody fools them; the authors' interval
     "global, generator off": ["--reliable-rule", "global", "--gamma-g", "0"],
     "per-cluster, targets every 8": ["--reliable-rule", "per-cluster", "--update-every", "8"],
+    # the authors' code (MMAMAR/scTConvexMan, main_Young.py), one piece at a time, then all
+    "authors: rewire": ["--rewire"],
+    "authors: schedule": ["--schedule", "authors"],
+    "authors: spectral start, n_o 10": ["--init", "spectral", "--n-over", "10"],
+    "authors: w_a 1": ["--w-a", "1"],
+    "authors: 500 phase-1 epochs": ["--pretrain-epochs", "500"],
+    "authors' recipe": ["--rewire", "--schedule", "authors", "--init", "spectral", "--n-over",
+                        "10", "--w-a", "1", "--pretrain-epochs", "500", "--update-every", "8"],
+    # phase 2 from its start: the start itself as the first targets; the thread-stable start
+    "start targets 10": ["--start-targets", "10"],
+    "start targets 30": ["--start-targets", "30"],
+    "consensus, start targets 10": ["--init", "consensus", "--start-targets", "10"],
+    "consensus, start targets 30": ["--init", "consensus", "--start-targets", "30"],
 }
-CANDIDATES = ("global, genes", "per-cluster, genes", "global, latent", "global, generator off",
-              "per-cluster, targets every 8")
+CANDIDATES = ("full", "authors: rewire", "authors: schedule", "start targets 10",
+              "start targets 30", "consensus start", "consensus, start targets 10",
+              "consensus, start targets 30")
+AUTHORS_FILES = ("Young_top2000", "10X_PBMC_top2000", "Baron_mouse")  # their Young and two more
+AUTHORS = ("authors: rewire", "authors: schedule", "authors: spectral start, n_o 10",
+           "authors: w_a 1", "authors: 500 phase-1 epochs", "per-cluster, targets every 8",
+           "authors' recipe")
 TABLE1 = {"full": "scTCM", "paper start": "scTCM, `--init spectral`",
           "merge start": "scTCM, `--init merge`", "consensus start": "scTCM, `--init consensus`",
           "exact losses": "scTCM, `--losses exact`", "sampled losses": "scTCM, `--losses sampled`"}
@@ -111,7 +130,8 @@ def _folder(out, stem, variant):
 
 
 def run(path, k, variant, seed, out, extra):
-    """One sctcm.py run into OUT/runs/<stem>/<variant>/seed<seed>, unless it is there already."""
+    """One sctcm.py run into OUT/runs/<stem>/<variant>/seed<seed>, unless it is there already.
+    Phase 1 is kept in OUT/phase1 (--cache): the variants that share phase-1 settings share it."""
     folder = _folder(out, path.stem, variant) / f"seed{seed}"
     if folder.exists():
         return
@@ -119,7 +139,7 @@ def run(path, k, variant, seed, out, extra):
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"{path.stem} | {variant} | seed {seed}", flush=True)
     command = [sys.executable, str(SCTCM), str(path), "--clusters", str(k), "--seed", str(seed),
-               "--out", str(folder), *VARIANTS[variant], *extra]
+               "--out", str(folder), "--cache", str(out / "phase1"), *VARIANTS[variant], *extra]
     with open(log, "w") as f:
         if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
             raise RuntimeError(f"{path.stem} {variant} seed {seed} failed, see {log}")
@@ -246,21 +266,16 @@ def _phase2_numbers(out, stem, variant, seeds):
     return numbers
 
 
-def protocol(out, files, seeds, candidates=CANDIDATES):
-    """Markdown: phase 2's candidates on every file (final ARI mean ± sd over seeds, its change
-    from the start, the clusters below m reliable cells at the start, the seeds found where
-    some are missing), then the choice made leave-one-file-out: for each file, the candidate
-    with the best mean ARI over the other files, and what it gives on the file left out. Only
-    candidates with every seed on every file compete."""
-    stems = [stem for stem, *_ in files]
-    numbers = {(stem, c): _phase2_numbers(out, stem, c, seeds) for stem in stems
-               for c in candidates}
+def candidate_table(out, stems, seeds, candidates):
+    """Markdown: each candidate on every file: final ARI mean ± sd over seeds, its change from
+    the start, the clusters below m reliable cells at the start, the seeds found where some are
+    missing; and the mean over the files."""
     lines = ["| candidate | " + " | ".join(stems) + " | mean |",
              "|---|" + "---|" * (len(stems) + 1)]
     for c in candidates:
         cells, means = [], []
         for stem in stems:
-            runs = numbers[stem, c]
+            runs = _phase2_numbers(out, stem, c, seeds)
             if not runs:
                 cells.append("")
                 continue
@@ -274,8 +289,20 @@ def protocol(out, files, seeds, candidates=CANDIDATES):
             cells.append(f"{value} ({'; '.join(notes)})")
         mean = f"{np.mean(means):.3f}" if means else ""
         lines.append(f"| {c} | " + " | ".join(cells) + f" | {mean} |")
-    lines += ["", "| left out | chosen on the other files | its ARI there | best there |",
-              "|---|---|---|---|"]
+    return "\n".join(lines)
+
+
+def protocol(out, files, seeds, candidates=CANDIDATES):
+    """Markdown: phase 2's candidates on every file (candidate_table), then the choice made
+    leave-one-file-out: for each file, the candidate with the best mean ARI over the other
+    files, and what it gives on the file left out. Only candidates with every seed on every
+    file compete."""
+    stems = [stem for stem, *_ in files]
+    numbers = {(stem, c): _phase2_numbers(out, stem, c, seeds) for stem in stems
+               for c in candidates}
+    lines = [candidate_table(out, stems, seeds, candidates), "",
+             "| left out | chosen on the other files | its ARI there | best there |",
+             "|---|---|---|---|"]
     complete = [c for c in candidates  # only these compete: the same seeds on every file
                 if all(len(numbers[stem, c]) == len(seeds) for stem in stems)]
     mean_of = lambda stem, c: np.mean([r[0] for r in numbers[stem, c]])
@@ -503,6 +530,11 @@ def _parser():
     parser.add_argument("--protocol", action="store_true", help="also run phase 2's "
                         "candidates (" + "; ".join(CANDIDATES) + ") on every file and choose "
                         "among them leave-one-file-out")
+    parser.add_argument("--authors", nargs="*", metavar="STEM", help="datasets that also run "
+                        "the authors' code's pieces (AUTHORS), one at a time and all together "
+                        "(the flag alone: " + ", ".join(AUTHORS_FILES) + ")")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own "
+                        "process: with --sctcm-args '--threads 1', one a core)")
     parser.add_argument("--sctcm-args", default="",
                         help="extra sctcm.py flags for every run, e.g. '--max-epochs 50'")
     return parser
@@ -538,13 +570,19 @@ def main(argv=None):
     args.ablate = every if args.ablate == [] else args.ablate
     args.figure = every if args.figure == [] else args.figure
     ablate = set(args.ablate) | set(args.figure)
+    args.authors = AUTHORS_FILES if args.authors == [] else args.authors or []
+    jobs = []
+    for seed in seeds:
+        for stem, path, k, _ in files:
+            variants = args.variants + (list(TABLE2) if stem in ablate else [])
+            variants += list(CANDIDATES) if args.protocol else []
+            variants += list(AUTHORS) if stem in args.authors else []
+            jobs += [(path, k, variant, seed) for variant in dict.fromkeys(variants)]
+    jobs.sort(key=lambda job: job[2] != "full")  # the defaults first: they store the phase 1s
     try:
-        for seed in seeds:
-            for stem, path, k, _ in files:
-                ablations = list(TABLE2) if stem in ablate else []
-                candidates = list(CANDIDATES) if args.protocol else []
-                for variant in dict.fromkeys(args.variants + ablations + candidates):
-                    run(path, k, variant, seed, out, extra)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for done in [pool.submit(run, *job, out, extra) for job in jobs]:
+                done.result()
     except RuntimeError as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 1
@@ -556,6 +594,10 @@ def main(argv=None):
     if args.protocol:
         parts += ["## Phase 2: the candidates, chosen leave-one-file-out",
                   protocol(out, files, seeds)]
+    if args.authors:
+        parts += ["## The authors' code's phase 2, one piece at a time",
+                  candidate_table(out, [s for s in every if s in args.authors], seeds,
+                                  ("full",) + AUTHORS)]
     figures = [fig2(out, stem, 0) for stem, *_ in files if stem in args.figure]
     parts += ["## Fig. 2: ID and LID per logged epoch (seed 0)"]
     parts += [f"- `{p}`" for p in figures if p]

@@ -14,7 +14,9 @@ in datasets.py.
 """
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +36,8 @@ from clustering import (ari, cluster_evidence, kept, kmeans_restarts, lowest_ine
                         pairwise_ari, scores, stability)
 from model import Config, convex_combinations, draw_combinations
 from report import Report
-from training import codes, fit, kmeans_on_pcs, pretrain
+from training import (PHASE1_FIELDS, PHASE1_FORMAT, Pretrained, codes, fit, kmeans_on_pcs,
+                      pretrain)
 
 
 # ---------------------------------------------------------------- choosing K
@@ -137,13 +140,14 @@ def run_warnings(history):
     return lines
 
 
-def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretrained=None):
+def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretrained=None,
+              cache=None):
     """fit with `seeds` seeds (config.seed, config.seed + 1, ...) -> the Result of the run that
     agrees best with the others, with its stability and seed_agreement (most_agreed) and its
     evidence (clusters and warnings). Every result also carries the baseline: k-means on the
     n_pcs principal components of the same preprocessed matrix (Result.baseline;
     metrics["baseline"]: its ARI to scTCM's partition and, with labels, its scores).
-    pretrained: phase 1 of the first seed, already run."""
+    pretrained: phase 1 of the first seed, already run; cache: a folder of phase 1s (phase1)."""
     if seeds > 1:
         log(f"{seeds} runs (seeds {config.seed}-{config.seed + seeds - 1}): about {seeds} times "
             "the time of one")
@@ -151,9 +155,10 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretr
     for i in range(seeds):
         if seeds > 1:
             log(f"seed {config.seed + i} ({i + 1} of {seeds})")
-        runs.append(fit(prepared, adjacency, n_clusters,
-                        dataclasses.replace(config, seed=config.seed + i), log=log,
-                        pretrained=pretrained if i == 0 else None))
+        seeded = dataclasses.replace(config, seed=config.seed + i)
+        if i > 0 or pretrained is None:
+            pretrained = phase1(prepared, adjacency, n_clusters, seeded, cache, log)
+        runs.append(fit(prepared, adjacency, n_clusters, seeded, log=log, pretrained=pretrained))
     chosen = evidence(most_agreed(runs, config.seed, log) if seeds > 1 else runs[0], config, log)
     chosen.baseline = kmeans_on_pcs(prepared, n_clusters, config)
     agreement = ari(chosen.baseline, chosen.labels)
@@ -166,13 +171,48 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretr
     return chosen
 
 
-def fit_ks(prepared, adjacency, ks, config, seeds=1, every_k=False, log=print):
+def phase1(prepared, adjacency, n_clusters, config, cache, log=print):
+    """Phase 1 from the folder cache, where a run of the same data, phase-1 settings
+    (training.PHASE1_FIELDS), K of its log rows, threads and torch stored it (the file named by
+    phase1_key), or else run (pretrain) and stored there; None without a cache (fit runs it).
+    A phase 2 from it gives what a run without the cache gives, byte for byte."""
+    if cache is None:
+        return None
+    path = Path(cache) / f"phase1-{phase1_key(prepared, adjacency, n_clusters, config)}.pt"
+    if path.exists():
+        log(f"phase 1 | read from {path}")
+        return Pretrained.load(path, prepared, adjacency, config)
+    pretrained = pretrain(prepared, adjacency, config,
+                          Report(prepared.labels, n_clusters, config, log))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")  # parallel runs never see half a file
+    pretrained.save(scratch)
+    scratch.replace(path)
+    return pretrained
+
+
+def phase1_key(prepared, adjacency, n_clusters, config):
+    """A digest of what phase 1 and its log rows depend on: the preprocessed cells, the graph,
+    the labels its rows score, the Config fields of training.PHASE1_FIELDS, K (its rows' k-means),
+    torch's threads (they change the float sums) and version."""
+    digest = hashlib.sha256()
+    arrays = [prepared.x, prepared.counts, prepared.size_factors, adjacency.indptr,
+              adjacency.indices]
+    for array in arrays + ([] if prepared.labels is None else [prepared.labels]):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    fields = {name: getattr(config, name) for name in PHASE1_FIELDS}
+    digest.update(json.dumps([fields, int(n_clusters), torch.get_num_threads(),
+                              torch.__version__, PHASE1_FORMAT]).encode())
+    return digest.hexdigest()[:20]
+
+
+def fit_ks(prepared, adjacency, ks, config, seeds=1, every_k=False, log=print, cache=None):
     """fit_seeds at the one K of ks, or for several: choose_k's one phase 1, its criteria and
     recommended K, then fit_seeds at that K from the same phase 1 (metrics: k_selection, one
     row per K, and recommended_k), and with every_k the labels of a phase 2 at each K from that
-    phase 1 too (Result.every_k)."""
+    phase 1 too (Result.every_k). cache: a folder of phase 1s (phase1), for one K only."""
     if len(ks) == 1:
-        return fit_seeds(prepared, adjacency, ks[0], config, seeds, log)
+        return fit_seeds(prepared, adjacency, ks[0], config, seeds, log, cache=cache)
     log(f"choosing K among {ks[0]}-{ks[-1]}: one phase 1, then the start at each of {len(ks)} "
         f"K (a few seconds each), then phase 2 at the recommended K"
         + (" and at every K" if every_k else ""))
@@ -313,6 +353,10 @@ def _parser():
     settings.add_flags(groups, Config)
     groups["run"].add_argument("--threads", type=int, help="threads of torch and of numpy's BLAS "
                                "(>= 1); default: theirs, every core (on a busy machine try 1)")
+    groups["run"].add_argument("--cache", metavar="FOLDER", help="keep phase 1 in FOLDER: read it "
+                               "from there when a run of the same data, phase-1 settings, seed "
+                               "and threads stored it, else store it there (one K only); the "
+                               "same labels either way")
     groups["run"].add_argument("--seeds", type=int, default=1, help="runs, with seeds SEED, SEED "
                                "+ 1, ...: the one that agrees best with the others is written, "
                                "with each cell's stability (>= 1); default 1")
@@ -365,6 +409,9 @@ def _inputs(args, config):
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot draws with matplotlib, which is not installed (pip install "
                          "matplotlib)")
+    if args.cache and len(args.clusters or ()) > 1:
+        raise ValueError("--cache keeps the phase 1 of a run at one K; choosing K among several "
+                         "runs its own")
     if args.every_k and len(args.clusters or ()) < 2:
         raise ValueError("--every-k runs phase 2 at each K of a range: give --clusters 5-15 "
                          "or a list 6,8,10")
@@ -416,7 +463,8 @@ def main(argv=None):
                       print)
     prep_seconds = time.time() - start
     try:
-        result = fit_ks(prepared, adjacency, ks, config, args.seeds, args.every_k)
+        result = fit_ks(prepared, adjacency, ks, config, args.seeds, args.every_k,
+                        cache=args.cache)
     except FloatingPointError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2

@@ -106,6 +106,7 @@ BAD_CLI = [
     (["data.h5", "--clusters", "1-4"], "--clusters must be at least 2, got 1"),
     (["data.h5", "--clusters", "30-45"], "--clusters 45 or --n-over 30 is more than the 40"),
     (["data.h5", "--clusters", "3", "--every-k"], "--every-k runs phase 2 at each K of a range"),
+    (["data.h5", "--clusters", "3-4", "--cache", "phase1"], "--cache keeps the phase 1 of a run"),
     (["data.h5", "--clusters", "500"], "more than the"),
     (["data.h5", "--clusters", "3", "--n-over", "100"], "more than the"),
     (["data.h5", "--clusters", "3", "--dropout", "1.5"], "--dropout"),
@@ -331,6 +332,61 @@ def test_results_h5ad_opens_in_anndata(tmp_path):
         [row["cluster"] for row in cells]
     assert adata.obsm["X_sctcm"].shape == (240, 4)
     assert adata.uns["sctcm"]["clusters"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("losses", ["exact", "sampled"])
+def test_a_cached_phase_1_gives_the_uncached_run_byte_for_byte(tmp_path, losses):
+    """--cache: the first run stores each seed's phase 1, a second run reads it (no phase-1 log
+    line) and both give the labels, codes and history of a run without the cache; a phase 2 of
+    other settings reads the same phase 1; the file loads with weights_only."""
+    prepared, adjacency = tiny_problem()
+    config = tiny_config(losses=losses, batch_size=100)
+    quiet = lambda line: None
+    plain = sctcm.fit_seeds(prepared, adjacency, 3, config, seeds=2, log=quiet)
+    lines = []
+    stored = sctcm.fit_seeds(prepared, adjacency, 3, config, seeds=2, log=quiet, cache=tmp_path)
+    read = sctcm.fit_seeds(prepared, adjacency, 3, config, seeds=2, log=lines.append,
+                           cache=tmp_path)
+    assert len(list(tmp_path.glob("phase1-*.pt"))) == 2  # one a seed
+    assert sum("read from" in line for line in lines) == 2
+    assert not any(line.startswith("phase 1 | epoch") for line in lines)
+    for run in (stored, read):
+        assert np.array_equal(run.labels, plain.labels)
+        assert np.array_equal(run.embedding, plain.embedding)
+        assert np.array_equal(run.stability, plain.stability)
+        assert run.history == plain.history
+    other = dataclasses.replace(config, gamma_c=3.0)
+    assert np.array_equal(
+        sctcm.fit_seeds(prepared, adjacency, 3, other, log=quiet, cache=tmp_path).embedding,
+        sctcm.fit_seeds(prepared, adjacency, 3, other, log=quiet).embedding)
+    assert len(list(tmp_path.glob("phase1-*.pt"))) == 2  # gamma_c is not a phase-1 setting
+    saved = torch.load(next(tmp_path.glob("phase1-*.pt")), weights_only=True)
+    assert saved["format"] == training.PHASE1_FORMAT
+
+
+def test_the_phase_1_key_changes_with_every_phase_1_setting_and_no_other():
+    prepared, adjacency = tiny_problem()
+    config = tiny_config()
+    key = sctcm.phase1_key(prepared, adjacency, 3, config)
+    changed = dict(n_top_genes=100, hidden=16, latent=5, decoder=(16,), dropout=0.1, w_x=0.5,
+                   w_a=0.5, pretrain_epochs=11, lr_pretrain=1e-4, eval_every=5, block=64,
+                   losses="sampled", batch_size=99, seed=1, n_neighbors=9, n_pcs=10)
+    assert set(changed) | {"device"} == set(training.PHASE1_FIELDS)
+    for name, value in changed.items():
+        assert sctcm.phase1_key(prepared, adjacency, 3,
+                                dataclasses.replace(config, **{name: value})) != key, name
+    for name, value in dict(gamma_c=2.0, init="merge", rewire=True, max_epochs=5).items():
+        assert sctcm.phase1_key(prepared, adjacency, 3,
+                                dataclasses.replace(config, **{name: value})) == key, name
+    assert sctcm.phase1_key(prepared, adjacency, 2, config) != key  # the K of its log rows
+
+
+def test_a_phase_1_file_of_another_format_is_refused(tmp_path):
+    prepared, adjacency = tiny_problem()
+    torch.save({"format": 0}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="another format"):
+        training.Pretrained.load(tmp_path / "old.pt", prepared, adjacency, tiny_config())
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ BAD_SETTINGS = [  # one value outside the stated range of each Config field that
     ("update_every", "0"), ("m_cvx", "1"), ("n_cvx", "0"), ("min_epochs", "-1"),
     ("max_epochs", "0"), ("eval_every", "0"), ("block", "0"), ("losses", "all"),
     ("batch_size", "0"), ("seed", "-1"), ("device", "gpu"), ("reliable_rule", "local"),
-    ("adversary", "pixels"),
+    ("adversary", "pixels"), ("start_targets", "-1"), ("schedule", "dcgan"),
 ]
 
 

@@ -17,9 +17,10 @@ import geometry
 import report
 import sctcm
 import training
-from model import Batch, Config, self_supervision, soft_assign, target_distribution
-from testkit import (inertia_by_loop, kept_by_loop, loss_and_grad, structure_problem, tiny_config,
-                     tiny_problem)
+from model import (Batch, Config, self_supervision, soft_assign, structure_loss,
+                   target_distribution)
+from testkit import (inertia_by_loop, kept_by_loop, loss_and_grad, random_graph,
+                     structure_problem, tiny_config, tiny_problem)
 
 
 def _sampled_structure(z, edges, pairs_per_cell, draws):
@@ -136,6 +137,110 @@ def test_phase2_alternates_its_steps_with_one_discriminator_update_after_each(
     assert [epoch for event, epoch in events if event == "targets"] == [1, 5, 9]
     steps = "".join(event for event, _ in events if event not in ("start", "targets"))
     assert steps == cycle * (12 // len(cycle.replace("d", "")))
+
+
+@pytest.mark.parametrize("adversarial, overclustering", [(True, True), (False, True),
+                                                       (True, False)])
+@pytest.mark.slow
+def test_the_authors_schedule_alternates_c_and_o_and_adds_g_on_5_epochs_of_20(adversarial,
+                                                                            overclustering):
+    """schedule="authors": c on epochs 1, 3, 5, ... (their 0, 2, 4, ...), o on the others (none
+    without overclustering), g as well on epochs 16-20, 36-40 (their 15-19 of every 20), and a
+    discriminator update after every step, by a loop over the epochs."""
+    events = _events(pretrain_epochs=2, max_epochs=40, min_epochs=40, eval_every=40,
+                     update_every=40, schedule="authors", adversarial=adversarial,
+                     overclustering=overclustering)
+    expected = []
+    for epoch in range(1, 41):
+        expected += [("c" if epoch % 2 == 1 else "o", epoch)] if (
+            epoch % 2 == 1 or overclustering) else []
+        if adversarial and (epoch - 1) % 20 >= 15:
+            expected.append(("g", epoch))
+    seen = [(event, epoch) for event, epoch in events if event in ("c", "o", "g")]
+    assert seen == expected
+    updates = [epoch for event, epoch in events if event == "d"]
+    assert len(updates) == (len(expected) if adversarial else 0)
+
+
+@pytest.mark.slow
+def test_start_targets_are_the_start_itself_then_eq_6():
+    """start_targets = 4: the targets of epochs 1-4 are the start partition, one-hot at each
+    cell's start cluster (C_k the start's, Omega_c still Eq. 6's margins); from epoch 5 on,
+    Eq. (6) of p again (one-hot where reliable, p elsewhere)."""
+    prepared, adjacency = tiny_problem()
+    start = (prepared.labels + 1) % 3
+    seen = {}
+
+    def watch(event, state):
+        if event == "targets":
+            seen[state.epoch] = (state.q["c"].clone(), state.clusters.copy(),
+                                 [cells.copy() for cells in state.members],
+                                 state.reliable["c"].clone())
+
+    training.fit(prepared, adjacency, 3, tiny_config(start_targets=4, update_every=4),
+                 log=lambda line: None, start=start, watch=watch)
+    q, clusters, members, reliable = seen[1]
+    assert torch.equal(q, torch.eye(3)[start])
+    assert np.array_equal(clusters, start)
+    for k in range(3):
+        assert np.array_equal(members[k], np.flatnonzero(reliable.numpy() & (start == k)))
+    q, clusters, _, reliable = seen[5]  # Eq. (6): one-hot at the argmax where reliable, else p
+    assert np.array_equal(clusters, q.argmax(1).numpy())
+    assert torch.equal(q[reliable], torch.eye(3)[clusters[reliable.numpy()]])
+    assert bool((q[~reliable].max(1).values < 1).all()) and not torch.equal(q, torch.eye(3)[start])
+
+
+def _rewired_by_loop(adjacency, z, centres, reliable, clusters):
+    """The authors' update_graph written out: for each reliable cell, the reliable cell nearest
+    its cluster's centre, linked to it (both ways) when that cell shares its cluster."""
+    a = adjacency.toarray() > 0
+    cells = [i for i in range(len(z)) if reliable[i]]
+    for i in cells:
+        k = clusters[i]
+        hub = min(cells, key=lambda j: ((z[j] - centres[k]) ** 2).sum())
+        if clusters[hub] == k and hub != i:
+            a[i, hub] = a[hub, i] = True
+    return a
+
+
+def test_rewired_graph_links_reliable_cells_to_their_clusters_hub_by_a_loop():
+    rng = np.random.default_rng(0)
+    adjacency = random_graph(40, 0.1, seed=2)
+    z, centres = rng.normal(size=(40, 3)), rng.normal(size=(4, 3))
+    reliable, clusters = rng.random(40) < 0.5, rng.integers(0, 4, 40)
+    a = training.rewired(adjacency, z, centres, reliable, clusters)
+    expected = _rewired_by_loop(adjacency, z, centres, reliable, clusters)
+    assert np.array_equal(a.toarray() > 0, expected)
+    assert (a != a.T).nnz == 0 and a.diagonal().sum() == 0
+    assert (a.toarray() > 0).sum() > (adjacency.toarray() > 0).sum()  # it added edges
+
+
+@pytest.mark.slow
+def test_rewire_trains_on_the_graph_rewired_at_each_target_update():
+    """rewire: at each target update, A rewired (by the loop) from the codes of that update, phi^c,
+    Omega_c and the clusters; each step until the next update scores L_A (Eq. 2) on its edges."""
+    prepared, adjacency = tiny_problem()
+    graphs, steps = {}, []
+
+    def watch(event, state):
+        if event == "start":
+            graphs["now"] = adjacency
+        if event == "targets":
+            z = training.codes(state.model, training.tensors(prepared, graphs["now"], "cpu"))
+            expected = _rewired_by_loop(adjacency, z.numpy(), state.phi["c"].detach().numpy(),
+                                        state.reliable["c"].numpy(), state.clusters)
+            assert np.array_equal(state.graph.toarray() > 0, expected)
+            graphs["now"] = state.graph
+        if event in ("c", "o", "g"):
+            edges = torch.as_tensor(np.vstack(state.graph.nonzero()), dtype=torch.long)
+            assert state.out.l_a.item() == pytest.approx(
+                structure_loss(state.out.z, edges).item(), rel=1e-6)
+            steps.append(state.epoch)
+
+    training.fit(prepared, adjacency, 3, tiny_config(rewire=True, update_every=4),
+                 log=lambda line: None, watch=watch)
+    assert len(steps) == 12
+    assert (graphs["now"] != adjacency).nnz > 0
 
 
 @pytest.mark.slow

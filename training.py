@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import datasets
@@ -21,7 +22,7 @@ import geometry
 import settings
 from clustering import (agreement_groups, check_partition, kmeans, kmeans_restarts,
                         lowest_inertia, merge_overclusters, merges, most_kept, scores,
-                        spectral_clustering)
+                        spectral_clustering, squared_distances)
 from model import (Adversary, Batch, Config, Model, Pass, Samples, auto_threshold,
                    clustering_loss, log_mean, margins, normalized_adjacency, optimise,
                    self_supervised_loss, self_supervision, soft_assign, target_distribution)
@@ -53,8 +54,7 @@ class Result:
 
 def tensors(prepared, adjacency, device):
     """What every epoch reads, as tensors on the device: encoder input x, counts, lgamma(counts
-    + 1) (computed once), size factors, A_n of Eq. (1) and the edges of A (both directions)."""
-    coo = sp.coo_matrix(adjacency)
+    + 1) (computed once), size factors, and the graph (graph_tensors)."""
     counts = torch.as_tensor(prepared.counts, dtype=torch.float32, device=device)
     return {
         "x": torch.as_tensor(prepared.x, dtype=torch.float32, device=device),
@@ -62,9 +62,17 @@ def tensors(prepared, adjacency, device):
         "lgamma_x1": torch.lgamma(counts + 1),
         "size_factors": torch.as_tensor(prepared.size_factors, dtype=torch.float32,
                                         device=device)[:, None],
-        "a_norm": normalized_adjacency(adjacency).to(device),
-        "edges": torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long, device=device),
+        **graph_tensors(adjacency, device),
     }
+
+
+def graph_tensors(adjacency, device):
+    """The graph A as every epoch reads it: A_n of Eq. (1) ("a_norm") and the edges of A, both
+    directions, for Eq. (2) ("edges")."""
+    coo = sp.coo_matrix(adjacency)
+    return {"a_norm": normalized_adjacency(adjacency).to(device),
+            "edges": torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long,
+                                     device=device)}
 
 
 class Sampler:
@@ -143,6 +151,31 @@ class Pretrained:
     def model_device(self):
         return next(self.model.parameters()).device
 
+    def save(self, path):
+        """The model, the history rows and the generators after phase 1, into one file that
+        torch.load reads with weights_only=True (tensors, numbers and strings: no code)."""
+        torch.save({"format": PHASE1_FORMAT, "model": self.model.state_dict(),
+                    "rows": self.rows, "random_state": self.random_state}, path)
+
+    @classmethod
+    def load(cls, path, prepared, adjacency, config):
+        """Phase 1 as save left it, for the same data and config (the tensors and Sampler are
+        made again, as pretrain makes them)."""
+        saved = torch.load(path, weights_only=True, map_location=config.device)
+        if saved.get("format") != PHASE1_FORMAT:
+            raise ValueError(f"{path}: a phase 1 of another format ({saved.get('format')!r}, "
+                             f"this code reads {PHASE1_FORMAT})")
+        data, sampler, model = setup(prepared, adjacency, config)
+        model.load_state_dict(saved["model"])
+        random_state = {key: value.cpu() for key, value in saved["random_state"].items()}
+        return cls(model, data, sampler, saved["rows"], random_state)
+
+
+PHASE1_FORMAT = 1  # raised whenever what Pretrained.save writes changes
+PHASE1_FIELDS = ("n_top_genes", "n_neighbors", "n_pcs", "hidden", "latent", "decoder", "dropout",
+                 "w_x", "w_a", "pretrain_epochs", "lr_pretrain", "eval_every", "block", "losses",
+                 "batch_size", "seed", "device")  # the Config fields phase 1 depends on
+
 
 def pretrain(prepared, adjacency, config, report):
     """Phase 1 (Sec. 3.2): pretrain_epochs steps on L_SS (Eq. 4) -> Pretrained. Every
@@ -219,6 +252,8 @@ class Phase2:
     epoch: int = 0
     q: dict = field(default_factory=dict)         # "c", "o": the targets of every cell
     reliable: dict = field(default_factory=dict)  # "c", "o": Omega_c, Omega_o, (n,) bool
+    graph: object = None                          # A (scipy), rewired at each update by rewire
+    clusters: np.ndarray | None = None            # C_k: each cell's cluster at the last update
     members: list = field(default_factory=list)   # C_k intersected with Omega_c, for each k
     batch: Batch | None = None       # the cells and pairs of the epoch's step
     out: Pass | None = None          # the epoch's forward pass
@@ -227,24 +262,52 @@ class Phase2:
 
 
 @torch.no_grad()
-def update_targets(state, z):
+def update_targets(state, z, start=None):
     """Eqs. (5)-(6) and (8)-(9) on the codes z of every cell: the targets q and reliable sets
-    Omega of the clusters and of the overclusters, and C_k intersected with Omega_c."""
+    Omega of the clusters and of the overclusters, each cell's cluster C_k (the argmax of p) and
+    C_k intersected with Omega_c. With start, a partition (n,) (Config.start_targets, not in the
+    paper): the clusters' targets are the start itself, one-hot at each cell's start cluster,
+    and C_k is the start's cluster k."""
+    p = {key: soft_assign(z, state.phi[key]) for key in ("c", "o")}
     for key in ("c", "o"):
-        p = soft_assign(z, state.phi[key])
-        state.q[key], state.reliable[key] = target_distribution(p, state.beta[key])
-        if key == "c":
-            keep, pred = state.reliable["c"].cpu().numpy(), p.argmax(1).cpu().numpy()
-            state.members = [np.flatnonzero(keep & (pred == k)) for k in range(p.shape[1])]
+        state.q[key], state.reliable[key] = target_distribution(p[key], state.beta[key])
+    n_clusters = p["c"].shape[1]
+    state.clusters = p["c"].argmax(1).cpu().numpy() if start is None else start
+    if start is not None:
+        state.q["c"] = F.one_hot(torch.as_tensor(start, device=z.device), n_clusters).to(z.dtype)
+    keep = state.reliable["c"].cpu().numpy()
+    state.members = [np.flatnonzero(keep & (state.clusters == k)) for k in range(n_clusters)]
 
 
-def phase2_steps(config):
-    """The steps phase 2 takes in turn, one per epoch: "c" (L_c, Eq. 7), "o" (L_o, Eq. 10)
-    unless overclustering is off, "g" (L_g, Eq. 13) unless adversarial is off."""
-    steps = ["c"]
-    if config.overclustering:
-        steps.append("o")
-    if config.adversarial:
+def rewired(adjacency, z, centres, reliable, clusters):
+    """The authors' update_graph, not in the paper: A plus, for every reliable cell i of cluster
+    k, an edge to h_k, the reliable cell nearest k's centre, where h_k is in cluster k itself
+    (both directions, so that A stays symmetric; each rewiring starts from A itself).
+    adjacency: (n, n) scipy sparse A; z: (n, d) codes; centres: (K, d) phi^c; reliable: (n,)
+    bool Omega_c; clusters: (n,) cluster of each cell -> (n, n) scipy CSR, 0/1, no self loops."""
+    cells = np.flatnonzero(reliable)
+    if len(cells) == 0:
+        return adjacency
+    hubs = cells[squared_distances(centres, z[cells]).argmin(1)]  # (K,) h_k
+    hub = hubs[clusters[cells]]
+    linked = (clusters[hub] == clusters[cells]) & (hub != cells)
+    extra = sp.csr_matrix((np.ones(linked.sum(), np.float32), (cells[linked], hub[linked])),
+                          shape=adjacency.shape)
+    return ((adjacency + extra + extra.T) > 0).astype(np.float32).tocsr()
+
+
+def phase2_schedule(epoch, config):
+    """The steps of phase 2 at an epoch (1, 2, ...), each followed by an update of the
+    discriminators: "c" (L_c, Eq. 7), "o" (L_o, Eq. 10; not with overclustering off), "g" (L_g,
+    Eq. 13; not with adversarial off). schedule "paper": one step an epoch, c, o, g in turn;
+    "authors" (their code): c on even epochs counted from 0, o on odd ones, and also g on the
+    last 5 epochs of every 20."""
+    if config.schedule == "paper":
+        cycle = [step for step, on in (("c", True), ("o", config.overclustering),
+                                       ("g", config.adversarial)) if on]
+        return [cycle[(epoch - 1) % len(cycle)]]
+    steps = ["c"] if (epoch - 1) % 2 == 0 else ["o"] if config.overclustering else []
+    if config.adversarial and (epoch - 1) % 20 >= 15:
         steps.append("g")
     return steps
 
@@ -290,7 +353,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
         model = pretrained.model
     else:
         model = pretrained.resume()
-    data, sampler = pretrained.data, pretrained.sampler
+    data = dict(pretrained.data)  # this run's own: rewire replaces its graph
+    sampler = pretrained.sampler
     report = Report(prepared.labels, n_clusters, config, log, pretrained.rows)
 
     # --- the start: phi^o = k-means on Z, phi^c = mean codes of a partition of the cells
@@ -312,42 +376,46 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
         beta = thresholds({key: soft_assign(z, phi[key]) for key in ("c", "o")}, config)
     start_row = report.start(origin, beta, z_phase1, start,
                              geometry.cluster_geometry(z_phase1, start))
-    state = Phase2(model, adversary, z_phase1, start, phi, beta)
+    state = Phase2(model, adversary, z_phase1, start, phi, beta, graph=adjacency)
     watch("start", state)
 
     # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
-    steps = phase2_steps(config)
     for epoch in range(1, config.max_epochs + 1):
         state.epoch = epoch
         if (epoch - 1) % config.update_every == 0:
             # q is a target: recomputed here, held fixed in between, Eqs. (6) and (9)
-            update_targets(state, codes(model, data))
+            z = codes(model, data)
+            update_targets(state, z, start if epoch <= config.start_targets else None)
+            if config.rewire:
+                state.graph = rewired(adjacency, z.cpu().numpy(), phi["c"].detach().cpu().numpy(),
+                                      state.reliable["c"].cpu().numpy(), state.clusters)
+                data.update(graph_tensors(state.graph, z.device))
             if epoch == 1:
                 reliable_start = state.reliable["c"].cpu().numpy()
             watch("targets", state)
-        state.batch = sampler()
-        state.out = self_supervision(model, data, state.batch, config.block)
-        step = steps[(epoch - 1) % len(steps)]
-        if step == "g":  # Eq. (13), for the encoder and feature head only
-            state.samples = adversary.inputs(state.out, state.members)
-            state.loss = (adversary.generator_loss(state.samples) if state.samples
-                          else state.out.z.new_zeros(()))
-        else:  # Eq. (7) or Eq. (10)
-            state.samples = None
-            state.loss = clustering_loss(state.q[step], state.out.z, phi[step], state.batch)
-        optimise(optimizers[step],
-                 self_supervised_loss(state.out, config) + gamma[step] * state.loss)
-        report.losses.update({"L_X": state.out.l_x.item(), "L_A": state.out.l_a.item(),
-                              f"L_{step}": state.loss.item()})
-        watch(step, state)
-        if config.adversarial:  # Eq. (12), on inputs without gradient
-            with torch.no_grad():
+        for step in phase2_schedule(epoch, config):
+            state.batch = sampler()
+            state.out = self_supervision(model, data, state.batch, config.block)
+            if step == "g":  # Eq. (13), for the encoder and feature head only
                 state.samples = adversary.inputs(state.out, state.members)
-            per = adversary.step(state.samples) if state.samples else None
-            report.discriminators(per, state.samples.active if state.samples else None)
-            if per is not None:
-                state.loss = per.sum()
-                watch("d", state)
+                state.loss = (adversary.generator_loss(state.samples) if state.samples
+                              else state.out.z.new_zeros(()))
+            else:  # Eq. (7) or Eq. (10)
+                state.samples = None
+                state.loss = clustering_loss(state.q[step], state.out.z, phi[step], state.batch)
+            optimise(optimizers[step],
+                     self_supervised_loss(state.out, config) + gamma[step] * state.loss)
+            report.losses.update({"L_X": state.out.l_x.item(), "L_A": state.out.l_a.item(),
+                                  f"L_{step}": state.loss.item()})
+            watch(step, state)
+            if config.adversarial:  # Eq. (12), on inputs without gradient
+                with torch.no_grad():
+                    state.samples = adversary.inputs(state.out, state.members)
+                per = adversary.step(state.samples) if state.samples else None
+                report.discriminators(per, state.samples.active if state.samples else None)
+                if per is not None:
+                    state.loss = per.sum()
+                    watch("d", state)
 
         # --- the stop: the clusters' mean ID reaches their mean LID (Fig. 2)
         if epoch % config.eval_every == 0 or epoch == config.max_epochs:
