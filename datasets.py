@@ -44,11 +44,34 @@ class Dataset:
 
 
 @dataclass
+class ScaledCounts:
+    """The encoder input of many cells, never made dense: the scaled matrix
+    X = clip((L - 1 mu^T) diag(1 / sigma), -c, c) of preprocess, with L = log1p(counts / s),
+    held as X = S - 1 v^T. Off the counts' non-zeros L is 0, so X_ij = clip(-mu_j / sigma_j) =
+    -v_j with v_j = min(mu_j / sigma_j, c); on them S_ij = X_ij + v_j. So S has the counts'
+    sparsity, every X_ij is exact, clipping included, and X M = S M - 1 (v^T M) for any M."""
+    s: sp.csr_matrix  # (n, g) float32, non-zero where the counts are
+    v: np.ndarray     # (g,) float32
+
+    @property
+    def shape(self):
+        return self.s.shape
+
+    def __len__(self):
+        return self.s.shape[0]
+
+    def dense(self, rows=slice(None)):
+        """X itself, or the given rows of it, as a dense float32 array."""
+        return self.s[rows].toarray() - self.v
+
+
+@dataclass
 class Prepared:
     """The output of preprocess(): the encoder input x and the ZINB target (counts with
-    size_factors, Eq. 3) of the same cells and genes."""
-    x: np.ndarray               # (n, g) float32: normalised, log1p, HVGs, scaled, clipped
-    counts: np.ndarray          # (n, g) float32: raw counts of the same cells and genes
+    size_factors, Eq. 3) of the same cells and genes. Above dense_limit entries (many cells)
+    x is a ScaledCounts and counts a CSR matrix: nothing n x g is dense."""
+    x: np.ndarray | ScaledCounts  # (n, g) float32: normalised, log1p, HVGs, scaled, clipped
+    counts: np.ndarray | sp.csr_matrix  # (n, g) float32: raw counts of the same cells and genes
     size_factors: np.ndarray    # (n,) float32: s_i = library size / median library size
     genes: np.ndarray           # (g,) int64: kept gene indices into Dataset.counts columns
     cells: np.ndarray           # (n,) int64: kept cell indices into Dataset.counts rows
@@ -151,7 +174,10 @@ def numbered(prefix, size):
 # ---------------------------------------------------------------- preprocess
 
 
-def preprocess(dataset, n_top_genes=1500):
+DENSE_LIMIT = 50_000_000  # preprocess keeps x and counts dense up to this many entries (200 MB)
+
+
+def preprocess(dataset, n_top_genes=1500, dense_limit=DENSE_LIMIT):
     """Filter, normalise, log1p, pick highly variable genes, scale -> Prepared (scanpy's recipe,
     by hand).
 
@@ -160,7 +186,9 @@ def preprocess(dataset, n_top_genes=1500):
     3. normalise each cell to the median library size, X_ij / s_i, and take log1p;
     4. keep the n_top_genes genes of highest Seurat normalised dispersion (all when fewer remain);
     5. scale each kept gene to zero mean and unit variance (ddof=1, as scanpy), clip to [-10, 10].
-    Works on CSR counts: only the (n, n_top_genes) selected columns become dense.
+    Works on CSR counts: only the (n, n_top_genes) selected columns become dense, and only when
+    they have at most dense_limit entries; above, x is a ScaledCounts (the same numbers, held
+    sparse) and counts stay CSR.
     counts: (n0, g0) -> x, counts: (n, g) float32, size_factors (n,), cells (n,), genes (g,)."""
     if n_top_genes < 1:
         raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}")
@@ -177,22 +205,26 @@ def preprocess(dataset, n_top_genes=1500):
                          "counts (need at least 3 of each)")
     if len(cells) < n0:
         x = x[cells]
-    if len(genes) < g0:
-        x = x[:, genes]
     library = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
     size_factors = library / np.median(library)
-    mean, var = _normalised_mean_var(x, size_factors)
-    hvg = _seurat_hvg(mean, var, n_top_genes)
-    counts = x[:, hvg].toarray()
-    logx = np.log1p(counts / size_factors[:, None].astype(np.float32))
+    mean, var = _normalised_mean_var(x, size_factors)  # of every gene: no copy of x without
+    hvg = _seurat_hvg(mean[genes], var[genes], n_top_genes)  # the empty ones
+    counts = x[:, genes[hvg]]
+    counts.sort_indices()
+    if counts.shape[0] * counts.shape[1] <= dense_limit:
+        counts = counts.toarray()
+        encoder_input = _scale(np.log1p(counts / size_factors[:, None].astype(np.float32)))
+    else:
+        encoder_input = _scaled_counts(counts, size_factors)
+    kept_genes = len(genes)
     genes = genes[hvg]
-    note = (f"{name}: dropped {n0 - len(cells)} of {n0} cells and {g0 - x.shape[1]} of {g0} "
+    note = (f"{name}: dropped {n0 - len(cells)} of {n0} cells and {g0 - kept_genes} of {g0} "
             f"genes with zero counts; kept {len(genes)} highly variable genes")
     labels = None if dataset.labels is None else np.asarray(dataset.labels)[cells]
     if labels is not None and not np.any(labels >= 0):
         labels = None  # all missing: unlabelled
     return Prepared(
-        x=_scale(logx),
+        x=encoder_input,
         counts=counts,
         size_factors=size_factors.astype(np.float32),
         genes=genes,
@@ -254,6 +286,28 @@ def normalised_dispersion(mean, var, n_bins=20):
     return z
 
 
+def _scaled_counts(counts, size_factors, clip=10.0):
+    """_scale(log1p(counts / s)) of CSR counts (n, g) as a ScaledCounts, without a dense n x g
+    array: the gene means and sds (ddof=1) from the non-zeros (the zeros add nothing to either
+    sum), v = min(mu / sigma, clip), S = clip((L - mu) / sigma) + v on the non-zeros; a gene
+    constant over the cells gets 0 throughout, as in _scale."""
+    n = counts.shape[0]
+    rows = np.repeat(size_factors.astype(np.float32), np.diff(counts.indptr))
+    log = sp.csr_matrix((np.log1p(counts.data / rows), counts.indices, counts.indptr),
+                        shape=counts.shape)  # the counts' index arrays, not a copy
+    mean = np.asarray(log.sum(axis=0, dtype=np.float64)).ravel() / n
+    mean_sq = np.asarray(log.multiply(log).sum(axis=0, dtype=np.float64)).ravel() / n
+    std = np.sqrt(np.maximum(mean_sq - mean ** 2, 0.0) * n / (n - 1))
+    low = np.asarray(log.min(axis=0).toarray()).ravel()  # 0 wherever a gene has a zero
+    high = np.asarray(log.max(axis=0).toarray()).ravel()
+    std[high == low] = np.inf  # constant: as _scale
+    v = np.minimum(mean / std, clip)
+    columns = log.indices
+    log.data = (np.clip((log.data - mean[columns]) / std[columns], -clip, clip)
+                + v[columns]).astype(np.float32)
+    return ScaledCounts(log, v.astype(np.float32))
+
+
 def _scale(x, clip=10.0):
     """Each column to zero mean, unit variance (ddof=1), clipped to [-clip, clip]; constant
     columns -> 0."""
@@ -278,8 +332,10 @@ def knn_graph(x, k=15, n_pcs=50, exact=None):
     tree) when `exact`, approximate (approximate_neighbours) otherwise; None picks exact up to
     EXACT_KNN_CELLS cells: in 50 dimensions a k-d tree degrades to a near n^2 search (114 s for
     100,000 synthetic cells on 2 cores; the approximate search takes 32 s there and finds 94% of
-    the true neighbours). -> (n, n) scipy.sparse.csr_matrix, float32."""
-    x = np.asarray(x, dtype=np.float64)
+    the true neighbours). x may be a ScaledCounts (randomized_components).
+    -> (n, n) scipy.sparse.csr_matrix, float32."""
+    if not isinstance(x, ScaledCounts):
+        x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
     if n < 2 or k < 1:
         raise ValueError(f"knn_graph needs at least 2 cells and k >= 1 (got {n} cells, k={k})")
@@ -354,19 +410,51 @@ def _nearest(x, candidates, k, block=4096):
 
 
 def pca(x, n_pcs=50):
-    """Coordinates of x on its top n_pcs principal components, by an eigendecomposition of the
-    smaller of X^T X (g x g) and X X^T (n x n), X = x centred. x: (n, g) -> (n, min(n_pcs, n, g)).
-    When every component is asked for, X itself is returned (the rotation changes no distance)."""
-    xc = x - x.mean(axis=0)
+    """Coordinates of x on its top n_pcs principal components (principal_components), (n, m)."""
+    return principal_components(x, n_pcs)[2]
+
+
+def principal_components(x, n_pcs=50):
+    """The top n_pcs principal components of x (n, g), a dense array or a ScaledCounts ->
+    (mean (g,), axes (g, m), scores (n, m)), m = min(n_pcs, n, g), scores = (x - mean) axes.
+    Dense: an eigendecomposition of the smaller of X^T X (g x g) and X X^T (n x n), X = x
+    centred, exact; when every component is asked for, axes is the identity and the scores X
+    itself (the rotation changes no distance). ScaledCounts: randomized_components, by products
+    alone."""
+    if isinstance(x, ScaledCounts):
+        return randomized_components(x, min(n_pcs, *x.shape))
+    mean = x.mean(axis=0)
+    xc = x - mean
     n, g = xc.shape
     m = min(n_pcs, n, g)
     if m == g:
-        return xc
+        return mean, np.eye(g), xc
     if g <= n:
         _, v = scipy.linalg.eigh(xc.T @ xc, subset_by_index=[g - m, g - 1])  # ascending eigenvalues
-        return xc @ v[:, ::-1]
+        return mean, v[:, ::-1], xc @ v[:, ::-1]
     w, u = scipy.linalg.eigh(xc @ xc.T, subset_by_index=[n - m, n - 1])
-    return u[:, ::-1] * np.sqrt(np.maximum(w[::-1], 0.0))  # X = U S V^T: scores U S
+    s = np.sqrt(np.maximum(w[::-1], 0.0))
+    axes = (xc.T @ u[:, ::-1]) / np.where(s > 0, s, np.inf)  # X = U S V^T: V = X^T U / S
+    return mean, axes, u[:, ::-1] * s  # scores U S
+
+
+def randomized_components(x, m, n_iter=5, oversample=10, seed=0):
+    """The top m principal components of a ScaledCounts x by a randomized SVD of the centred
+    X_c = X - 1 mean^T (Halko, Martinsson & Tropp, SIAM Review 2011: Alg. 4.4, a range found by
+    subspace iteration, then Alg. 5.1), with products alone: X = S - 1 v^T, so X_c = S - 1 u^T
+    with u the column means of S, X_c M = S M - 1 (u^T M) and X_c^T Y = S^T Y - u (1^T Y); no
+    n x g array is made. -> (mean (g,), axes (g, m), scores (n, m)) as principal_components."""
+    s = x.s
+    u = np.asarray(s.mean(axis=0, dtype=np.float64)).ravel()
+    right = lambda matrix: s @ matrix - u @ matrix  # X_c M
+    left = lambda matrix: s.T @ matrix - np.outer(u, matrix.sum(axis=0))  # X_c^T Y
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(right(rng.normal(size=(s.shape[1], m + oversample))))[0]
+    for _ in range(n_iter):
+        q = np.linalg.qr(left(q))[0]
+        q = np.linalg.qr(right(q))[0]
+    axes = np.linalg.svd(left(q).T, full_matrices=False)[2][:m].T  # B = Q^T X_c = U S V^T
+    return u - x.v, axes, right(axes)
 
 
 # ---------------------------------------------------------------- the first lines of a run
@@ -403,7 +491,8 @@ DEMOS = {  # --demo PRESET -> synthetic()'s keywords
 }
 
 
-def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0, noise=SYN_NOISE):
+def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0, noise=SYN_NOISE,
+              chunk=None):
     """Labelled ZINB counts whose clusters lie on curved manifolds (the demo and test data).
 
     Latent z: clusters 2p and 2p+1 are two interlocking arcs thickened into bent sheets
@@ -412,21 +501,30 @@ def synthetic(n_cells=1500, n_genes=1000, n_clusters=6, seed=0, depth=3000.0, no
     mu_ig = l_i softmax_g(eta_i) with library sizes l_i log-normal (median `depth` counts per
     cell, 3000 by default: UMI-like); X_ig ~ NB(mu_ig, theta_g) drawn as Poisson(Gamma(theta_g,
     mu_ig / theta_g)); then a dropout zero with probability pi_ig. noise: the latent noise's sd
-    (DEMOS["hard"]: 0.3).
-    Deterministic for a seed. -> Dataset: counts (n_cells, n_genes) int64 dense, labels 0..K-1
-    named "arc 1a", "arc 1b" (the first pair), "arc 2a", ... (types, not clusters)."""
+    (DEMOS["hard"]: 0.3). chunk: cells whose counts are drawn at a time; by default all of them
+    up to DENSE_LIMIT entries (counts dense, int64), else 20,000 (counts CSR float32, as load
+    gives them: never dense, so that a million cells fit in memory). Deterministic for a seed and
+    chunk. -> Dataset: counts (n_cells, n_genes), labels 0..K-1 named "arc 1a", "arc 1b" (the
+    first pair), "arc 2a", ... (types, not clusters)."""
+    if chunk is None:
+        chunk = n_cells if n_cells * n_genes <= DENSE_LIMIT else 20_000
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n_cells) % n_clusters)
     z = _bent_sheets(labels, n_clusters, rng, noise)
-    eta = _random_decoder(z, n_genes, rng)
+    decoder = _random_decoder(z.shape[1], n_genes, rng)
     library = rng.lognormal(np.log(depth), 0.35, n_cells)
-    profile = np.exp(eta - eta.max(axis=1, keepdims=True))
-    mu = library[:, None] * profile / profile.sum(axis=1, keepdims=True)
     theta = rng.lognormal(np.log(4.0), 0.5, n_genes)  # NB inverse dispersion, one per gene
-    counts = rng.poisson(rng.gamma(theta, mu / theta))
-    counts[rng.random(counts.shape) < SYN_DROPOUT / (1.0 + mu)] = 0
+    parts = []
+    for start in range(0, n_cells, chunk):
+        cells = slice(start, start + chunk)
+        eta = decoder(z[cells])
+        profile = np.exp(eta - eta.max(axis=1, keepdims=True))
+        mu = library[cells, None] * profile / profile.sum(axis=1, keepdims=True)
+        counts = rng.poisson(rng.gamma(theta, mu / theta))
+        counts[rng.random(counts.shape) < SYN_DROPOUT / (1.0 + mu)] = 0
+        parts.append(counts if chunk >= n_cells else sp.csr_matrix(counts, dtype=np.float32))
     return Dataset(
-        counts=counts,
+        counts=parts[0] if chunk >= n_cells else sp.vstack(parts, format="csr"),
         labels=labels.astype(np.int64),
         label_names=np.array([f"arc {k // 2 + 1}{'ab'[k % 2]}" for k in range(n_clusters)]),
         gene_names=numbered("gene", n_genes),
@@ -454,12 +552,13 @@ def _bent_sheets(labels, n_clusters, rng, noise):
     return z + rng.normal(0.0, noise, z.shape)
 
 
-def _random_decoder(z, n_genes, rng, hidden=32):
-    """A random nonlinear map from latent codes to log relative expression: (n, d) -> (n, g)."""
-    w1 = rng.normal(0.0, 1.0 / np.sqrt(z.shape[1]), (z.shape[1], hidden))
+def _random_decoder(dim, n_genes, rng, hidden=32):
+    """A random nonlinear map from latent codes to log relative expression, drawn once:
+    -> decoder((n, dim) codes) -> (n, g)."""
+    w1 = rng.normal(0.0, 1.0 / np.sqrt(dim), (dim, hidden))
     c = rng.normal(0.0, 0.5, hidden)
     w2 = rng.normal(0.0, SYN_GAIN / np.sqrt(hidden), (hidden, n_genes))
     base = rng.normal(0.0, 1.5, n_genes)  # b_g: log-normal spread of gene abundances
     informative = rng.random(n_genes) < SYN_INFORMATIVE
-    return base + informative * (np.tanh(z @ w1 + c) @ w2)
+    return lambda z: base + informative * (np.tanh(z @ w1 + c) @ w2)
 

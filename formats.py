@@ -829,6 +829,31 @@ def _labels_by_name(parts, by_name, path):
     return replace(parts, labels=labels, names=None, notes=parts.notes + [note])
 
 
+# ---------------------------------------------------------------- writing a count matrix
+
+def write_xy(path, dataset):
+    """A Dataset as an HDF5 file of the X/Y layout load reads first: X the counts (a CSR group
+    data, indices, indptr, shape when the counts are sparse, so that a million cells are never
+    dense; else a dense matrix), Y the labels and cell_types their names, genes, gzip-compressed
+    (the many-cells command of the README)."""
+    counts = dataset.counts
+    with h5py.File(path, "w") as f:
+        if sp.issparse(counts):
+            counts = sp.csr_matrix(counts)
+            group = f.create_group("X")
+            group.create_dataset("data", data=counts.data.astype(np.int32), compression="gzip")
+            group.create_dataset("indices", data=counts.indices, compression="gzip")
+            group.create_dataset("indptr", data=counts.indptr)
+            group.create_dataset("shape", data=np.array(counts.shape))
+        else:
+            f.create_dataset("X", data=np.asarray(counts).astype(np.int32), compression="gzip")
+        if dataset.labels is not None:
+            f.create_dataset("Y", data=dataset.labels)
+            f.create_dataset("cell_types", data=np.asarray(dataset.label_names, dtype="S"))
+        if dataset.gene_names is not None:
+            f.create_dataset("genes", data=np.asarray(dataset.gene_names, dtype="S"))
+
+
 # ---------------------------------------------------------------- a run's output folder
 
 
@@ -864,6 +889,11 @@ def write_run(folder, tables, history, summary):
                                                        for values in columns.values()]))
     keys = list(dict.fromkeys(k for row in history for k in row))
     _write_csv(folder / "history.csv", keys, ([row.get(k, "") for k in keys] for row in history))
+    write_summary(folder, summary)
+
+
+def write_summary(folder, summary):
+    """summary.json of a run into folder (a dict of numbers, strings, lists and dicts)."""
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

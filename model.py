@@ -142,10 +142,104 @@ class Encoder(nn.Module):
         self.dropout = dropout
 
     def forward(self, x, a_norm):
-        """x: (n, g) scaled log expression; a_norm: sparse (n, n) -> Z (n, d)."""
-        x = F.dropout(x, self.dropout, self.training)
-        h = torch.relu(Propagate.apply(a_norm, self.w1(x)))
+        """x: (n, g) scaled log expression, a tensor or for many cells a SparseInput;
+        a_norm: sparse (n, n) -> Z (n, d)."""
+        if isinstance(x, SparseInput):
+            xw = x.linear(self.w1, self.dropout if self.training else 0.0)
+        else:
+            xw = self.w1(F.dropout(x, self.dropout, self.training))
+        h = torch.relu(Propagate.apply(a_norm, xw))
         return Propagate.apply(a_norm, self.w2(h))
+
+
+class SparsePattern:
+    """The non-zeros of an (n, g) CSR matrix on the device, for the many-cells path (counts and
+    the encoder input share them): products with dense matrices of the matrix and of its
+    transpose (kept as its own CSR: torch's sparse backward forms it at every call), its dense
+    rows and its weighted column sums. A matrix is this pattern and a values tensor."""
+
+    def __init__(self, csr, device):
+        nnz = csr.nnz
+        index = torch.int32 if nnz < 2 ** 31 else torch.long
+        to = lambda array: torch.as_tensor(array, device=device)
+        self.shape = csr.shape
+        self.crow, self.col = to(csr.indptr).to(index), to(csr.indices).to(index)
+        transposed = sp.csr_matrix((np.arange(nnz, dtype=np.float64), csr.indices, csr.indptr),
+                                   shape=csr.shape).T.tocsr()
+        self.crow_t, self.col_t = to(transposed.indptr).to(index), to(transposed.indices).to(index)
+        self.order_t = to(transposed.data).to(index)  # values -> the transpose's order
+
+    def matrix(self, values):
+        with warnings.catch_warnings():  # see normalized_adjacency
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+            return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape,
+                                           check_invariants=False)  # a scipy CSR's arrays
+
+    def transposed(self, values):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+            return torch.sparse_csr_tensor(self.crow_t, self.col_t,
+                                           values.index_select(0, self.order_t),
+                                           self.shape[::-1], check_invariants=False)
+
+    def rows(self, values, cells=None):
+        """The rows `cells` of the matrix (all of them: None) as a dense tensor."""
+        if cells is None:
+            return self.matrix(values).to_dense()
+        start, end = self.crow[cells].long(), self.crow[cells + 1].long()
+        lengths = end - start
+        which = torch.repeat_interleave(torch.arange(len(cells), device=values.device), lengths)
+        offset = torch.arange(int(lengths.sum()), device=values.device) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths)
+        entries = torch.repeat_interleave(start, lengths) + offset
+        dense = values.new_zeros(len(cells), self.shape[1])
+        dense[which, self.col.index_select(0, entries).long()] = values.index_select(0, entries)
+        return dense
+
+    def column_sums(self, values, row_weights):
+        """sum_i w_i M_ij of the matrix M for row weights w (n,) -> (g,)."""
+        row = torch.repeat_interleave(torch.diff(self.crow.long()))  # each value's row
+        weighted = values * row_weights.index_select(0, row)
+        return weighted.new_zeros(self.shape[1]).index_add_(0, self.col.long(), weighted)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """S W for S = pattern.matrix(values) and a dense W requiring a gradient; the gradient
+    S^T G from the stored transpose."""
+
+    @staticmethod
+    def forward(ctx, pattern, values, w):
+        ctx.pattern, ctx.values = pattern, values
+        return pattern.matrix(values) @ w
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, None, ctx.pattern.transposed(ctx.values) @ grad_output
+
+
+@dataclass
+class SparseInput:
+    """The encoder input of many cells as datasets.ScaledCounts holds it, X = S - 1 v^T, on the
+    device: S's values on a SparsePattern, and v."""
+    pattern: SparsePattern
+    values: torch.Tensor  # (nnz,) S on the pattern
+    v: torch.Tensor       # (g,)
+
+    @property
+    def shape(self):
+        return self.pattern.shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def linear(self, layer, dropout=0.0):
+        """layer(X), the first GCN layer's X W^T + b, as S W^T - 1 (v W^T) + b: no n x g array.
+        dropout > 0 falls on the stored entries of S alone (each kept with probability 1 - p and
+        scaled by 1 / (1 - p)), not on the constant part -1 v^T: the same expectation as
+        dropout on X, fewer dropped entries (README, Many cells)."""
+        values = F.dropout(self.values, dropout, training=dropout > 0)
+        return (_SparseProduct.apply(self.pattern, values, layer.weight.T)
+                - self.v @ layer.weight.T + layer.bias)
 
 
 # ---------------------------------------------------------------- Eq. (2): the structure head
@@ -172,6 +266,34 @@ class _AllPairsSoftplus(torch.autograd.Function):
         return grad_output * grad, None
 
 
+class _PairSum(torch.autograd.Function):
+    """sum_m f(z_i . z_j) over the pairs (i, j) = pairs[:, m] and its gradient, f'(l) z_j added
+    into row i and f'(l) z_i into row j, a block of pairs at a time: no (M, d) array of a large
+    sample of pairs is made (at a million cells, the edges and pairs of Eq. 2 are 4e7 of them).
+    df: the derivative of f."""
+
+    @staticmethod
+    def forward(ctx, z, pairs, f, df, block):
+        total, grad = z.new_zeros(()), torch.zeros_like(z)
+        for start in range(0, pairs.shape[1], block):
+            i, j = pairs[0, start:start + block], pairs[1, start:start + block]
+            z_i, z_j = z.index_select(0, i), z.index_select(0, j)
+            logits = (z_i * z_j).sum(1)
+            total += f(logits).sum()
+            slope = df(logits)[:, None]
+            grad.index_add_(0, i, slope * z_j).index_add_(0, j, slope * z_i)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None, None, None
+
+
+PAIR_BLOCK = 1 << 20  # structure_loss takes edges and pairs a block at a time above this many
+
+
 def structure_loss(z, edges, block=1024, pairs=None):
     """L_A, Eq. (2): weighted binary cross-entropy between A and sigmoid(Z Z^T), from logits.
 
@@ -183,10 +305,17 @@ def structure_loss(z, edges, block=1024, pairs=None):
     as in LINE or GraphSAGE), the first sum is estimated by n^2 / M sum_m softplus(l_(i_m j_m)):
     the edge terms stay exact, the estimate is unbiased and costs O(|E| + M), not O(n^2).
     z: (n, d); edges: (2, |E|) long tensor listing both directions of every edge of A;
-    pairs: optional (2, M) long tensor of uniformly drawn cells."""
+    pairs: optional (2, M) long tensor of uniformly drawn cells. Above PAIR_BLOCK edges or pairs
+    the sums are taken a block at a time (_PairSum: the same sums, added in another order)."""
     n, n_edges = z.shape[0], edges.shape[1]
     pos_weight = (n * n - n_edges) / n_edges
     norm = n * n / (2 * (n * n - n_edges))
+    if pairs is not None and max(n_edges, pairs.shape[1]) > PAIR_BLOCK:
+        edge_sum = _PairSum.apply(
+            z, edges, lambda l: pos_weight * F.softplus(-l) - F.softplus(l),
+            lambda l: -pos_weight * torch.sigmoid(-l) - torch.sigmoid(l), PAIR_BLOCK)
+        pair_sum = _PairSum.apply(z, pairs, F.softplus, torch.sigmoid, PAIR_BLOCK)
+        return norm * (pair_sum * (n * n / pairs.shape[1]) + edge_sum) / (n * n)
     logits = _pair_logits(z, edges)
     edge_terms = pos_weight * F.softplus(-logits) - F.softplus(logits)
     if pairs is None:
@@ -238,9 +367,13 @@ class FeatureHead(nn.Module):
 def log_mean(data):
     """log(mean_i x_ig / s_i), (g,): the log rate of each gene without z, the intercept of the
     mean head (FeatureHead). Floored at the mean of one count in 1e6 cells, so that a gene
-    without counts gets a finite intercept."""
+    without counts gets a finite intercept. Counts dense or SparseCounts."""
     counts, inverse_s = data["counts"], 1 / data["size_factors"][:, 0]
-    return torch.log((inverse_s @ counts / len(counts)).clamp_min(1e-6))  # no (n, g) temporary
+    if isinstance(counts, SparseCounts):
+        total = counts.pattern.column_sums(counts.values, inverse_s)
+    else:
+        total = inverse_s @ counts  # no (n, g) temporary
+    return torch.log((total / len(counts)).clamp_min(1e-6))
 
 
 class Model(nn.Module):
@@ -261,8 +394,22 @@ class Batch:
     pairs: torch.Tensor | None = None   # (2, M) cells drawn uniformly, or None: all n^2 pairs
 
     def rows(self, t):
-        """The rows of t (n, ...) that belong to the batch: t itself on the exact path."""
+        """The rows of t (n, ...) that belong to the batch: t itself on the exact path; of
+        SparseCounts, those rows dense."""
+        if isinstance(t, SparseCounts):
+            return t.pattern.rows(t.values, self.cells)
         return t if self.cells is None else t.index_select(0, self.cells)
+
+
+@dataclass
+class SparseCounts:
+    """The raw counts of many cells on the device, sparse: a SparsePattern and its values;
+    Batch.rows makes a batch's rows dense."""
+    pattern: SparsePattern
+    values: torch.Tensor
+
+    def __len__(self):
+        return self.pattern.shape[0]
 
 
 @dataclass
@@ -287,8 +434,9 @@ def self_supervision(model, data, batch, block=1024):
 def feature_loss(model, data, z, batch):
     """The decoded rate of the batch's cells and their L_X (Eq. 3, per entry), mu = s_i rate."""
     pi, rate, theta = model.features(batch.rows(z))
+    lgamma_x1 = batch.rows(data["lgamma_x1"]) if "lgamma_x1" in data else None  # sparse: per batch
     l_x = zinb_nll(batch.rows(data["counts"]), rate * batch.rows(data["size_factors"]), theta,
-                   pi, lgamma_x1=batch.rows(data["lgamma_x1"]))
+                   pi, lgamma_x1=lgamma_x1)
     return rate, l_x
 
 

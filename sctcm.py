@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy
+import scipy.sparse as sp
 import torch
 
 import datasets
@@ -141,13 +142,14 @@ def run_warnings(history):
 
 
 def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretrained=None,
-              cache=None):
+              cache=None, lap=None):
     """fit with `seeds` seeds (config.seed, config.seed + 1, ...) -> the Result of the run that
     agrees best with the others, with its stability and seed_agreement (most_agreed) and its
     evidence (clusters and warnings). Every result also carries the baseline: k-means on the
     n_pcs principal components of the same preprocessed matrix (Result.baseline;
     metrics["baseline"]: its ARI to scTCM's partition and, with labels, its scores).
-    pretrained: phase 1 of the first seed, already run; cache: a folder of phase 1s (phase1)."""
+    pretrained: phase 1 of the first seed, already run; cache: a folder of phase 1s (phase1);
+    lap: Stopwatch.lap, or None."""
     if seeds > 1:
         log(f"{seeds} runs (seeds {config.seed}-{config.seed + seeds - 1}): about {seeds} times "
             "the time of one")
@@ -158,7 +160,8 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretr
         seeded = dataclasses.replace(config, seed=config.seed + i)
         if i > 0 or pretrained is None:
             pretrained = phase1(prepared, adjacency, n_clusters, seeded, cache, log)
-        runs.append(fit(prepared, adjacency, n_clusters, seeded, log=log, pretrained=pretrained))
+        runs.append(fit(prepared, adjacency, n_clusters, seeded, log=log, pretrained=pretrained,
+                        lap=lap))
     chosen = evidence(most_agreed(runs, config.seed, log) if seeds > 1 else runs[0], config, log)
     chosen.baseline = kmeans_on_pcs(prepared, n_clusters, config)
     agreement = ari(chosen.baseline, chosen.labels)
@@ -168,6 +171,8 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretr
                      scores(prepared.labels, chosen.baseline).items())
     log(f"baseline: k-means on {config.n_pcs} principal components, ARI to scTCM's partition "
         f"{agreement:.3f}{scored}")
+    if lap:
+        lap("evidence and baseline")
     return chosen
 
 
@@ -196,28 +201,36 @@ def phase1_key(prepared, adjacency, n_clusters, config):
     the labels its rows score, the Config fields of training.PHASE1_FIELDS, K (its rows' k-means),
     torch's threads (they change the float sums) and version."""
     digest = hashlib.sha256()
-    arrays = [prepared.x, prepared.counts, prepared.size_factors, adjacency.indptr,
-              adjacency.indices]
-    for array in arrays + ([] if prepared.labels is None else [prepared.labels]):
-        digest.update(np.ascontiguousarray(array).tobytes())
+    matrices = [prepared.x, prepared.counts, prepared.size_factors, adjacency]
+    for matrix in matrices + ([] if prepared.labels is None else [prepared.labels]):
+        if isinstance(matrix, datasets.ScaledCounts):
+            digest.update(matrix.v.tobytes())
+            matrix = matrix.s
+        arrays = [matrix.data, matrix.indices, matrix.indptr] if sp.issparse(matrix) else [matrix]
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array).tobytes())
     fields = {name: getattr(config, name) for name in PHASE1_FIELDS}
     digest.update(json.dumps([fields, int(n_clusters), torch.get_num_threads(),
                               torch.__version__, PHASE1_FORMAT]).encode())
     return digest.hexdigest()[:20]
 
 
-def fit_ks(prepared, adjacency, ks, config, seeds=1, every_k=False, log=print, cache=None):
+def fit_ks(prepared, adjacency, ks, config, seeds=1, every_k=False, log=print, cache=None,
+           lap=None):
     """fit_seeds at the one K of ks, or for several: choose_k's one phase 1, its criteria and
     recommended K, then fit_seeds at that K from the same phase 1 (metrics: k_selection, one
     row per K, and recommended_k), and with every_k the labels of a phase 2 at each K from that
-    phase 1 too (Result.every_k). cache: a folder of phase 1s (phase1), for one K only."""
+    phase 1 too (Result.every_k). cache: a folder of phase 1s (phase1), for one K only; lap:
+    Stopwatch.lap, or None."""
     if len(ks) == 1:
-        return fit_seeds(prepared, adjacency, ks[0], config, seeds, log, cache=cache)
+        return fit_seeds(prepared, adjacency, ks[0], config, seeds, log, cache=cache, lap=lap)
     log(f"choosing K among {ks[0]}-{ks[-1]}: one phase 1, then the start at each of {len(ks)} "
         f"K (a few seconds each), then phase 2 at the recommended K"
         + (" and at every K" if every_k else ""))
     rows, k, pretrained = choose_k(prepared, adjacency, ks, config, log)
-    result = fit_seeds(prepared, adjacency, k, config, seeds, log, pretrained)
+    if lap:
+        lap("choosing K")
+    result = fit_seeds(prepared, adjacency, k, config, seeds, log, pretrained, lap=lap)
     result.metrics.update(k_selection=rows, recommended_k=k)
     if every_k:
         result.every_k = {other: fit(prepared, adjacency, other, config, log=log,
@@ -301,11 +314,13 @@ def _check_settings(ks, config):
             raise ValueError(f"--clusters must be at least 2, got {k}")
 
 
-def prepare(dataset, ks, config):
+def prepare(dataset, ks, config, lap=None):
     """Preprocess, check K (the largest of ks) and n_o against the cells that remain, build the
-    kNN graph A (main and cluster) -> (prepared, adjacency)."""
+    kNN graph A (main and cluster) -> (prepared, adjacency). lap: Stopwatch.lap, or None."""
+    lap = lap or (lambda stage: None)
     k = int(np.max(ks))
     prepared = datasets.preprocess(dataset, n_top_genes=config.n_top_genes)
+    lap("preprocessing")
     if max(k, config.n_over) > prepared.x.shape[0]:
         raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
                          f"{prepared.x.shape[0]} cells")
@@ -313,7 +328,24 @@ def prepare(dataset, ks, config):
         raise ValueError(f"--init {config.init} merges the {config.n_over} overclusters: "
                          f"--clusters {k} needs --n-over at least as large")
     adjacency = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
+    lap("graph")
     return prepared, adjacency
+
+
+class Stopwatch:
+    """The seconds and the peak memory (formats.peak_memory_mb: the highest RSS so far) at the
+    end of each stage of a run, in order; lap(stage) ends one, and a stage met again (several
+    seeds) adds its seconds."""
+
+    def __init__(self):
+        self.stages, self.last = {}, time.time()
+
+    def lap(self, stage):
+        now = time.time()
+        row = self.stages.setdefault(stage, {"seconds": 0.0, "peak_memory_mb": 0.0})
+        row["seconds"] += now - self.last
+        row["peak_memory_mb"] = formats.peak_memory_mb()
+        self.last = now
 
 
 # ---------------------------------------------------------------- command line
@@ -394,9 +426,9 @@ def _files(parser):
                         "and losses.png (needs matplotlib, an optional extra)")
 
 
-def _inputs(args, config):
+def _inputs(args, config, lap):
     """Check the command line, then load, preprocess and build the graph; every bad input raises
-    ValueError (one line)."""
+    ValueError (one line). lap: Stopwatch.lap."""
     _check_settings(args.clusters, config)
     _check_seeds(args.seeds)
     if bool(args.demo) == bool(args.path):
@@ -424,7 +456,8 @@ def _inputs(args, config):
         dataset = formats.load(args.path, label_key=args.label_key, layer=args.layer,
                                transpose=args.transpose, labels=args.labels)
         ks = args.clusters
-    prepared, adjacency = prepare(dataset, ks, config)
+    lap("reading")
+    prepared, adjacency = prepare(dataset, ks, config, lap)
     return dataset, prepared, adjacency, ks
 
 
@@ -450,21 +483,22 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.threads is not None and (code := _in_threads(argv, args.threads)) is not None:
         return code
-    start = time.time()
+    start, stopwatch = time.time(), Stopwatch()
     config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     config.decoder = tuple(config.decoder)
     try:
-        dataset, prepared, adjacency, ks = _inputs(args, config)
+        dataset, prepared, adjacency, ks = _inputs(args, config, stopwatch.lap)
     except ValueError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
     n, g = prepared.x.shape
+    n_input = dataset.counts.shape[0]
+    dataset = dataclasses.replace(dataset, counts=None)  # read no more: free its memory
     datasets.describe(prepared, adjacency, ks[0] if len(ks) == 1 else f"{ks[0]}-{ks[-1]}",
                       print)
-    prep_seconds = time.time() - start
     try:
         result = fit_ks(prepared, adjacency, ks, config, args.seeds, args.every_k,
-                        cache=args.cache)
+                        cache=args.cache, lap=stopwatch.lap)
     except FloatingPointError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
@@ -476,7 +510,7 @@ def main(argv=None):
         "dataset": dataset.name, "cells": n, "genes": g,
         "clusters": result.metrics.get("recommended_k", ks[0]),
         "metrics": result.metrics,
-        "seconds": {"preprocess_and_graph": prep_seconds, "total": seconds},
+        "seconds": {"total": seconds}, "stages": stopwatch.stages,
         "peak_memory_mb": formats.peak_memory_mb(), "threads": torch.get_num_threads(),
         "config": dataclasses.asdict(config),
         "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
@@ -484,7 +518,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     tmp = formats.scratch_folder(out)
-    written = write_files(tmp, dataset, prepared, result, summary)
+    written = write_files(tmp, dataset.cell_names, n_input, prepared, result, summary)
     if args.plot:
         written += plots.draw(tmp, result.history, result.embedding, result.labels,
                               prepared.labels, prepared.label_names, prepared.name,
@@ -494,8 +528,15 @@ def main(argv=None):
         plots.plot_k_selection(tmp / "k_selection.png", result.metrics["k_selection"],
                                result.metrics["recommended_k"])
         written.append("k_selection.png")
+    stopwatch.lap("writing")
+    summary["seconds"]["total"] = time.time() - start
+    summary["peak_memory_mb"] = formats.peak_memory_mb()
+    formats.write_summary(tmp, summary)  # again, with the writing's own time
     formats.publish(tmp, out, args.overwrite)
     print(f"wrote {out}/: " + " ".join(written))
+    print("stages (seconds, peak memory): " + ", ".join(
+        f"{stage} {row['seconds']:.1f} s {row['peak_memory_mb'] / 1024:.2f} GB"
+        for stage, row in stopwatch.stages.items()))
     return 0
 
 
@@ -522,8 +563,9 @@ def convexity_panels(result, m, count=300, seed=0):
 DROPPED = "dropped by preprocessing: no counts"  # the note of an input cell without a cluster
 
 
-def write_files(folder, dataset, prepared, result, summary):
-    """A run's files into folder -> their names. labels.csv: one row per input cell: its
+def write_files(folder, cell_names, n, prepared, result, summary):
+    """A run's files into folder -> their names. cell_names (or None: numbered) and n: the input's
+    cells, all of them, preprocessing's dropped ones too. labels.csv: one row per input cell: its
     cluster, confidence, margin and reliable flag (Result), stability (several seeds), the
     baseline's cluster, the cluster at each K (--every-k) and a note for a cell preprocessing
     dropped (no cluster); embedding.csv (the codes of the cells kept), centres.csv (phi^c:
@@ -531,8 +573,7 @@ def write_files(folder, dataset, prepared, result, summary):
     K), history.csv, summary.json, and results.h5ad: the same
     as AnnData (obs: the columns of labels.csv, the cluster and baseline as categories; obsm
     X_sctcm: the codes, NaN for a dropped cell; uns sctcm: the summary)."""
-    n = dataset.counts.shape[0]
-    names = datasets.names_or_numbered(dataset.cell_names, "cell", n)
+    names = datasets.names_or_numbered(cell_names, "cell", n)
     cells = aligned_result(result, prepared.cells, n)
     clustered = cells.labels >= 0
     per_cell = {"cluster": cells.labels, "confidence": _rounded(cells.confidence),

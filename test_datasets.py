@@ -6,6 +6,7 @@ Run: python -m pytest -q (README, "Tests").
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
@@ -202,3 +203,86 @@ def test_synthetic_clusters_are_graph_separable():
     p = datasets.preprocess(datasets.synthetic())
     a = datasets.knn_graph(p.x).tocoo()
     assert np.mean(p.labels[a.row] == p.labels[a.col]) > 0.97  # edges stay inside clusters
+
+
+# ---------------------------------------------------------------- many cells: the sparse path
+
+def _both_paths(n_cells=400, n_genes=150, seed=0):
+    """preprocess of one synthetic dataset on the dense path and, forced, on the sparse one."""
+    data = datasets.synthetic(n_cells=n_cells, n_genes=n_genes, n_clusters=4, seed=seed)
+    return (datasets.preprocess(data, n_top_genes=100),
+            datasets.preprocess(data, n_top_genes=100, dense_limit=0))
+
+
+def test_scaled_counts_hold_the_dense_scaled_matrix_clipping_included():
+    dense, sparse = _both_paths()
+    assert isinstance(sparse.x, datasets.ScaledCounts) and sp.issparse(sparse.counts)
+    assert np.array_equal(sparse.counts.toarray(), dense.counts)
+    np.testing.assert_allclose(sparse.x.dense(), dense.x, atol=1e-4)
+    assert np.array_equal(sparse.x.s.indices, sparse.counts.indices)  # the counts' non-zeros
+    assert np.array_equal(sparse.genes, dense.genes) and np.array_equal(sparse.cells, dense.cells)
+    assert dense.x.max() == 10.0  # clipped entries are in the comparison
+    rows = np.array([3, 0, 7])
+    np.testing.assert_allclose(sparse.x.dense(rows), dense.x[rows], atol=1e-4)
+
+
+def test_scaled_counts_clip_a_gene_present_in_almost_every_cell_at_its_zeros():
+    """A gene with counts in 399 of 400 cells at one level: its one zero scales below -10, so
+    v_j = 10 and every X_ij off the non-zeros is -10, as the dense path clips it."""
+    counts = np.random.default_rng(0).poisson(2.0, (400, 30)) + 1
+    counts[:, 0] = 50
+    counts[5, 0] = 0
+    data = datasets.Dataset(counts=counts)
+    dense = datasets.preprocess(data)
+    sparse = datasets.preprocess(data, dense_limit=0)
+    assert dense.x[5, 0] == -10.0 and sparse.x.v[0] == 10.0
+    np.testing.assert_allclose(sparse.x.dense(), dense.x, atol=1e-4)
+
+
+def test_randomized_components_find_the_exact_principal_subspace():
+    """On the sparse path the PCA is a randomized SVD by products: the leading components (a
+    clear gap in the spectrum) match the exact ones, and the m components keep at least 99.5%
+    of the variance the exact ones keep (beyond the gap the noise directions are not unique)."""
+    dense, sparse = _both_paths(n_cells=800, n_genes=300, seed=1)
+    mean, axes, scores = datasets.principal_components(dense.x, 20)
+    mean_s, axes_s, scores_s = datasets.principal_components(sparse.x, 20)
+    np.testing.assert_allclose(mean_s, mean, atol=1e-4)
+    angles = np.degrees(scipy.linalg.subspace_angles(axes[:, :4], axes_s[:, :4]))
+    assert angles.max() < 0.5
+    assert (scores_s ** 2).sum() >= 0.995 * (scores ** 2).sum()
+    np.testing.assert_allclose(scores_s, (sparse.x.dense() - mean_s) @ axes_s, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(60, 20), (20, 60), (30, 8)])
+def test_principal_components_score_the_centred_rows_on_their_axes(shape):
+    """Dense PCA, both of its eigendecompositions (g <= n, g > n) and all components: the
+    scores are (x - mean) axes, the axes orthonormal, the scores pca's."""
+    x = np.random.default_rng(2).normal(size=shape)
+    mean, axes, scores = datasets.principal_components(x, 8)
+    np.testing.assert_allclose(scores, (x - mean) @ axes, atol=1e-10)
+    np.testing.assert_allclose(axes.T @ axes, np.eye(axes.shape[1]), atol=1e-10)
+    np.testing.assert_array_equal(scores, datasets.pca(x, 8))
+
+
+def test_the_sparse_path_builds_the_graph_of_the_dense_one():
+    dense, sparse = _both_paths(n_cells=600, seed=3)
+    a, b = datasets.knn_graph(dense.x, k=10, n_pcs=5), datasets.knn_graph(sparse.x, k=10, n_pcs=5)
+    assert (a != b).nnz <= 0.02 * a.nnz  # the same neighbours but for near ties
+
+
+def test_many_synthetic_cells_are_drawn_in_chunks_as_sparse_counts():
+    """chunk: the counts come out CSR, never dense; the labels, library sizes and latent
+    positions are drawn first, so they do not depend on the chunk; the same seed and chunk give
+    the same counts; one chunk of every cell is the dense data itself."""
+    whole = datasets.synthetic(n_cells=300, n_genes=50, seed=4)
+    one = datasets.synthetic(n_cells=300, n_genes=50, seed=4, chunk=300)
+    chunked = datasets.synthetic(n_cells=300, n_genes=50, seed=4, chunk=70)
+    again = datasets.synthetic(n_cells=300, n_genes=50, seed=4, chunk=70)
+    assert isinstance(whole.counts, np.ndarray) and np.array_equal(one.counts, whole.counts)
+    assert sp.issparse(chunked.counts) and chunked.counts.shape == (300, 50)
+    assert (chunked.counts != again.counts).nnz == 0
+    assert np.array_equal(chunked.labels, whole.labels)
+    assert np.all(chunked.counts.data == np.round(chunked.counts.data))
+    # the same distribution: the mean count of each gene within 15% on average
+    ratio = np.asarray(chunked.counts.mean(0)).ravel() / np.maximum(whole.counts.mean(0), 1e-9)
+    assert abs(np.median(ratio) - 1) < 0.15

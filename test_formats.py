@@ -879,3 +879,21 @@ def test_cli_clusters_a_new_layout_as_the_same_counts_written_as_x_and_y(tmp_pat
     assert runs[layout][0] == runs["reference"][0]
     if layout != "r_csv_transpose":  # labelled: the same scores
         assert runs[layout][1] == runs["reference"][1]
+
+
+# ---------------------------------------------------------------- writing a count matrix
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_write_xy_gives_back_the_counts_labels_and_genes(tmp_path, sparse):
+    """formats.write_xy (the many-cells command): X a CSR group when the counts are sparse,
+    dense otherwise; load reads the same counts, labels, their names and the genes."""
+    data = datasets.synthetic(n_cells=90, n_genes=30, seed=2, chunk=40 if sparse else None)
+    formats.write_xy(tmp_path / "s.h5", data)
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert isinstance(f["X"], h5py.Group) is sparse
+    back = formats.load(tmp_path / "s.h5")
+    counts = data.counts.toarray() if sparse else data.counts
+    assert np.array_equal(back.counts.toarray(), counts)
+    assert np.array_equal(back.labels, data.labels)
+    assert list(back.label_names) == list(data.label_names)
+    assert list(back.gene_names) == list(data.gene_names)

@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import datasets
+import model
 import report
+import training
 from model import (Adversary, Batch, Config, Discriminators, Encoder, FeatureHead, Model, Propagate,
                    auto_threshold, convex_combinations, discriminator_loss, draw_combinations,
                    feature_loss, generator_loss, kl_divergence, log_mean, normalized_adjacency,
@@ -446,3 +449,81 @@ def test_gradients_through_repeated_rows_are_bitwise_reproducible():
 
     first = gradients()
     assert all(torch.equal(gradients(), first) for _ in range(5))
+
+
+# ---------------------------------------------------------------- many cells: the sparse path
+
+def _sparse_and_dense(n=120, g=40, seed=0):
+    """One dataset preprocessed on both paths, and its tensors on each (training.tensors)."""
+    data = datasets.synthetic(n_cells=n, n_genes=g, n_clusters=3, seed=seed)
+    dense = datasets.preprocess(data)
+    sparse = datasets.preprocess(data, dense_limit=0)
+    graph = datasets.knn_graph(dense.x, k=5, n_pcs=10)
+    return (dense, training.tensors(dense, graph, "cpu"),
+            sparse, training.tensors(sparse, graph, "cpu"))
+
+
+def test_the_first_layer_from_sparse_counts_is_x_w_with_means_and_scales_folded_in():
+    """X W^T + b = S W^T - 1 (v W^T) + b: the sparse input's first layer equals the dense
+    layer on the dense X, and so does the gradient of any loss on it w.r.t. W and b."""
+    _, dense_data, _, sparse_data = _sparse_and_dense()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(sparse_data["x"].shape[1], 7)
+    out = sparse_data["x"].linear(layer)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    grad_w, grad_b = layer.weight.grad.clone(), layer.bias.grad.clone()
+    layer.zero_grad()
+    expected = layer(dense_data["x"])
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_w, layer.weight.grad, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(grad_b, layer.bias.grad)
+
+
+def test_sparse_input_dropout_falls_on_the_stored_entries_scaled_by_one_over_keep():
+    _, _, _, sparse_data = _sparse_and_dense()
+    x = sparse_data["x"]
+    layer = torch.nn.Linear(x.shape[1], 3)
+    torch.manual_seed(5)
+    out = x.linear(layer, dropout=0.4)
+    torch.manual_seed(5)
+    kept = F.dropout(torch.ones_like(x.values), 0.4)  # the same draws: 0 or 1 / 0.6
+    drawn = kept.unique().tolist()
+    assert len(drawn) == 2 and drawn[0] == 0 and drawn[1] == pytest.approx(1 / 0.6)
+    s = x.pattern.matrix(x.values * kept).to_dense()
+    by_hand = s @ layer.weight.T - x.v @ layer.weight.T + layer.bias
+    torch.testing.assert_close(out, by_hand, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_counts_give_the_dense_rows_the_zinb_term_and_the_intercept():
+    dense, dense_data, sparse, sparse_data = _sparse_and_dense()
+    cells = torch.tensor([5, 0, 77, 5, 119])  # any order, repeats
+    batch = Batch(cells)
+    assert torch.equal(batch.rows(sparse_data["counts"]), batch.rows(dense_data["counts"]))
+    assert torch.equal(Batch().rows(sparse_data["counts"]), dense_data["counts"])
+    torch.testing.assert_close(log_mean(sparse_data), log_mean(dense_data))
+    torch.manual_seed(0)
+    config = Config(hidden=8, latent=3, decoder=(8,))
+    model_ = Model(dense.x.shape[1], config, log_mean(dense_data)).eval()
+    z = model_.encoder(dense_data["x"], dense_data["a_norm"])
+    z_sparse = model_.encoder(sparse_data["x"], sparse_data["a_norm"])
+    torch.testing.assert_close(z_sparse, z, atol=1e-4, rtol=1e-4)
+    for data in (dense_data, sparse_data):  # lgamma(x + 1): stored dense, per batch sparse
+        assert ("lgamma_x1" in data) == (data is dense_data)
+    rate, l_x = feature_loss(model_, dense_data, z, batch)
+    rate_s, l_x_s = feature_loss(model_, sparse_data, z, batch)
+    torch.testing.assert_close(rate_s, rate)
+    torch.testing.assert_close(l_x_s, l_x)
+
+
+def test_structure_loss_a_block_of_pairs_at_a_time_is_the_whole_sum(monkeypatch):
+    """Above PAIR_BLOCK the edges and sampled pairs of Eq. (2) are summed in blocks, with a
+    hand-written gradient: the same loss and gradient as the direct sum."""
+    z, edges = structure_problem()
+    pairs = torch.randint(0, 60, (2, 500), generator=torch.Generator().manual_seed(0))
+    whole, whole_grad = loss_and_grad(z, edges, pairs)
+    monkeypatch.setattr(model, "PAIR_BLOCK", 37)  # many blocks, a short last one
+    blocks, blocks_grad = loss_and_grad(z, edges, pairs)
+    assert blocks == pytest.approx(whole, rel=1e-12)
+    torch.testing.assert_close(blocks_grad, whole_grad, rtol=1e-10, atol=1e-14)

@@ -58,6 +58,13 @@ def test_cli_end_to_end_on_synthetic_data(tmp_path):
     assert {"acc", "nmi", "ari"} <= set(summary["metrics"]) and summary["clusters"] == 3
     assert all(line.startswith("cluster") for line in summary["metrics"]["warnings"])  # no
     # run warning (run_warnings); a 4-epoch phase 2 may leave a cluster without reliable cells
+    stages = summary["stages"]  # each stage's seconds and the peak memory at its end, in order
+    assert list(stages) == ["reading", "preprocessing", "graph", "phase 1", "start", "phase 2",
+                            "evidence and baseline", "writing"]
+    assert sum(row["seconds"] for row in stages.values()) <= summary["seconds"]["total"]
+    peaks = [row["peak_memory_mb"] for row in stages.values()]
+    assert peaks == sorted(peaks) and peaks[-1] == summary["peak_memory_mb"] > 0
+    assert "stages (seconds, peak memory): reading" in run.stdout
     labels = (tmp_path / "out" / "labels.csv").read_text().splitlines()
     assert labels[0] == "cell,cluster,confidence,margin,reliable,baseline,note"
     assert len(labels) == 301

@@ -282,6 +282,22 @@ def test_sampled_losses_train_on_batches_and_cluster_as_well():
 
 
 @pytest.mark.slow
+def test_the_sparse_path_trains_and_clusters_as_the_dense_one():
+    """Above preprocess's dense_limit nothing n x g is dense (a SparseInput and SparseCounts on
+    the device); the run clusters the tiny problem as the dense run does."""
+    data = datasets.synthetic(n_cells=300, n_genes=200, n_clusters=3, seed=0)
+    runs = []
+    for limit in (datasets.DENSE_LIMIT, 0):
+        prepared = datasets.preprocess(data, n_top_genes=150, dense_limit=limit)
+        adjacency = datasets.knn_graph(prepared.x, k=10, n_pcs=20)
+        runs.append(training.fit(prepared, adjacency, 3, tiny_config(pretrain_epochs=40),
+                                 log=lambda line: None))
+    assert isinstance(prepared.x, datasets.ScaledCounts)
+    assert runs[1].metrics["ari"] >= runs[0].metrics["ari"] - 0.05 >= 0.85
+    assert clustering.ari(runs[0].labels, runs[1].labels) > 0.9
+
+
+@pytest.mark.slow
 def test_training_lowers_the_losses_and_improves_the_codes():
     """Against the same model untrained (lr 1e-30: its loss and k-means ARI are the untrained ones;
     its mean head starts at each gene's mean, so its L_X is the intercept-only model's): phase 1

@@ -23,9 +23,10 @@ import settings
 from clustering import (agreement_groups, check_partition, kmeans, kmeans_restarts,
                         lowest_inertia, merge_overclusters, merges, most_kept, scores,
                         spectral_clustering, squared_distances)
-from model import (Adversary, Batch, Config, Model, Pass, Samples, auto_threshold,
-                   clustering_loss, log_mean, margins, normalized_adjacency, optimise,
-                   self_supervised_loss, self_supervision, soft_assign, target_distribution)
+from model import (Adversary, Batch, Config, Model, Pass, Samples, SparseCounts, SparseInput,
+                   SparsePattern, auto_threshold, clustering_loss, log_mean, margins,
+                   normalized_adjacency, optimise, self_supervised_loss, self_supervision,
+                   soft_assign, target_distribution)
 from report import Report
 
 
@@ -54,16 +55,19 @@ class Result:
 
 def tensors(prepared, adjacency, device):
     """What every epoch reads, as tensors on the device: encoder input x, counts, lgamma(counts
-    + 1) (computed once), size factors, and the graph (graph_tensors)."""
+    + 1) (computed once), size factors, and the graph (graph_tensors). For many cells
+    (datasets.ScaledCounts) x is a SparseInput and the counts SparseCounts, on one SparsePattern,
+    and lgamma(counts + 1) is made per batch."""
+    size_factors = torch.as_tensor(prepared.size_factors, dtype=torch.float32, device=device)
+    common = {"size_factors": size_factors[:, None], **graph_tensors(adjacency, device)}
+    if isinstance(prepared.x, datasets.ScaledCounts):
+        pattern = SparsePattern(prepared.counts, device)
+        as_values = lambda data: torch.as_tensor(data, dtype=torch.float32, device=device)
+        return {"x": SparseInput(pattern, as_values(prepared.x.s.data), as_values(prepared.x.v)),
+                "counts": SparseCounts(pattern, as_values(prepared.counts.data)), **common}
     counts = torch.as_tensor(prepared.counts, dtype=torch.float32, device=device)
-    return {
-        "x": torch.as_tensor(prepared.x, dtype=torch.float32, device=device),
-        "counts": counts,
-        "lgamma_x1": torch.lgamma(counts + 1),
-        "size_factors": torch.as_tensor(prepared.size_factors, dtype=torch.float32,
-                                        device=device)[:, None],
-        **graph_tensors(adjacency, device),
-    }
+    return {"x": torch.as_tensor(prepared.x, dtype=torch.float32, device=device),
+            "counts": counts, "lgamma_x1": torch.lgamma(counts + 1), **common}
 
 
 def graph_tensors(adjacency, device):
@@ -189,8 +193,8 @@ def pretrain(prepared, adjacency, config, report):
         if epoch % config.eval_every == 0 or epoch == config.pretrain_epochs:
             report.phase1(epoch, out, codes(model, data).cpu().numpy())
     state = {"torch": torch.get_rng_state()}
-    if data["x"].is_cuda:
-        state["cuda"] = torch.cuda.get_rng_state(data["x"].device)
+    if data["size_factors"].is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state(data["size_factors"].device)
     if sampler.sampled:
         state["sampler"] = sampler.generator.get_state()
     return Pretrained(model, data, sampler, list(report.rows), state)
@@ -319,7 +323,7 @@ def id_reaches_lid(mean_id, mean_lid, epoch, config):
 
 
 def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, watch=None,
-        pretrained=None):
+        pretrained=None, lap=None):
     """Train scTCM on a preprocessed dataset: phase 1 (Eq. 4), centres, phase 2 (Sec. 3.2).
 
     prepared: datasets.Prepared (x = encoder input, counts + size_factors = ZINB target,
@@ -336,6 +340,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     watch: optional watch(event, Phase2), called after each event of phase 2 (see Phase2); it
     must not change what it is shown. pretrained: phase 1 already run with this config
     (pretrain), resumed from a copy (the run is then the one phase 1 and K would give).
+    lap: optional lap(stage), called as phase 1, the start and phase 2 end (sctcm.Stopwatch).
     Result.history: a row per log line (phase 2's epoch 0: the start). Result.metrics: the
     scores (labels known), the start's, phase2_epochs."""
     config = config or Config()
@@ -344,6 +349,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     if start is not None:
         start = check_partition(start, adjacency.shape[0], n_clusters)
     watch = watch or (lambda event, state: None)
+    lap = lap or (lambda stage: None)
     rng = np.random.default_rng(config.seed)
 
     # --- phase 1: self-supervision (L_SS, Eq. 4)
@@ -356,6 +362,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     data = dict(pretrained.data)  # this run's own: rewire replaces its graph
     sampler = pretrained.sampler
     report = Report(prepared.labels, n_clusters, config, log, pretrained.rows)
+    lap("phase 1")
 
     # --- the start: phi^o = k-means on Z, phi^c = mean codes of a partition of the cells
     z = codes(model, data)
@@ -378,6 +385,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
                              geometry.cluster_geometry(z_phase1, start))
     state = Phase2(model, adversary, z_phase1, start, phi, beta, graph=adjacency)
     watch("start", state)
+    lap("start")
 
     # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
     for epoch in range(1, config.max_epochs + 1):
@@ -428,6 +436,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
                 log(f"phase 2 | stop at epoch {epoch}: mean ID {mean_id:.2f} >= "
                     f"mean LID {mean_lid:.2f}")
                 break
+
+    lap("phase 2")
 
     # --- final labels: argmax of Eq. (5), and how sure each cell is of it (Eq. 6's margin)
     z = codes(model, data)
