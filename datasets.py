@@ -18,6 +18,7 @@ References:
     Biol. 2018);
   Eraslan et al., Nat. Commun. 2019 (DCA: size factors and ZINB counts, the target of Eq. 3).
 """
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +67,19 @@ class ScaledCounts:
 
 
 @dataclass
+class Scaling:
+    """What preprocess learned from its cells, so that other cells can be prepared alike
+    (prepare_like): the kept genes by name, the median library size that makes the size
+    factors, and each kept gene's mean and sd (ddof=1) of log1p(x / s) that scale it (step 5 of
+    preprocess; sd inf for a gene constant over the cells), and the clip."""
+    genes: np.ndarray         # (g,) str, the kept genes' names
+    median_library: float
+    mean: np.ndarray          # (g,)
+    sd: np.ndarray            # (g,)
+    clip: float = 10.0
+
+
+@dataclass
 class Prepared:
     """The output of preprocess(): the encoder input x and the ZINB target (counts with
     size_factors, Eq. 3) of the same cells and genes. Above dense_limit entries (many cells)
@@ -81,6 +95,8 @@ class Prepared:
     cell_names: np.ndarray      # (n,) str, names of the kept cells
     name: str = ""
     notes: list[str] = field(default_factory=list)  # Dataset.notes + one line on what was dropped
+    scaling: Scaling | None = None  # what preprocessing learned (prepare_like)
+    components: tuple | None = None  # (mean (g,), axes (g, m)) of the PCs A is built on (cell_graph)
 
 
 # ---------------------------------------------------------------- a Dataset: counts, labels, names
@@ -213,9 +229,12 @@ def preprocess(dataset, n_top_genes=1500, dense_limit=DENSE_LIMIT):
     counts.sort_indices()
     if counts.shape[0] * counts.shape[1] <= dense_limit:
         counts = counts.toarray()
-        encoder_input = _scale(np.log1p(counts / size_factors[:, None].astype(np.float32)))
+        log = np.log1p(counts / size_factors[:, None].astype(np.float32))
+        mean, sd = _gene_scaling(log)
+        encoder_input = _scaled(log, mean, sd)
     else:
-        encoder_input = _scaled_counts(counts, size_factors)
+        mean, sd = _sparse_gene_scaling(_log_counts(counts, size_factors))
+        encoder_input = _scaled_counts(counts, size_factors, mean, sd)
     kept_genes = len(genes)
     genes = genes[hvg]
     note = (f"{name}: dropped {n0 - len(cells)} of {n0} cells and {g0 - kept_genes} of {g0} "
@@ -223,6 +242,7 @@ def preprocess(dataset, n_top_genes=1500, dense_limit=DENSE_LIMIT):
     labels = None if dataset.labels is None else np.asarray(dataset.labels)[cells]
     if labels is not None and not np.any(labels >= 0):
         labels = None  # all missing: unlabelled
+    gene_names = names_or_numbered(dataset.gene_names, "gene", g0)[genes]
     return Prepared(
         x=encoder_input,
         counts=counts,
@@ -231,10 +251,11 @@ def preprocess(dataset, n_top_genes=1500, dense_limit=DENSE_LIMIT):
         cells=cells,
         labels=labels,
         label_names=dataset.label_names,
-        gene_names=names_or_numbered(dataset.gene_names, "gene", g0)[genes],
+        gene_names=gene_names,
         cell_names=names_or_numbered(dataset.cell_names, "cell", n0)[cells],
         name=dataset.name,
         notes=list(dataset.notes) + [note],
+        scaling=Scaling(gene_names, float(np.median(library)), mean, sd),
     )
 
 
@@ -286,35 +307,119 @@ def normalised_dispersion(mean, var, n_bins=20):
     return z
 
 
-def _scaled_counts(counts, size_factors, clip=10.0):
-    """_scale(log1p(counts / s)) of CSR counts (n, g) as a ScaledCounts, without a dense n x g
-    array: the gene means and sds (ddof=1) from the non-zeros (the zeros add nothing to either
-    sum), v = min(mu / sigma, clip), S = clip((L - mu) / sigma) + v on the non-zeros; a gene
-    constant over the cells gets 0 throughout, as in _scale."""
-    n = counts.shape[0]
+def _log_counts(counts, size_factors):
+    """log1p(x / s) of CSR counts, a CSR matrix on the counts' own index arrays (no copy)."""
     rows = np.repeat(size_factors.astype(np.float32), np.diff(counts.indptr))
-    log = sp.csr_matrix((np.log1p(counts.data / rows), counts.indices, counts.indptr),
-                        shape=counts.shape)  # the counts' index arrays, not a copy
+    return sp.csr_matrix((np.log1p(counts.data / rows), counts.indices, counts.indptr),
+                         shape=counts.shape)
+
+
+def _sparse_gene_scaling(log):
+    """_gene_scaling of a CSR matrix: each column's mean and sd (ddof=1) from its non-zeros (the
+    zeros add nothing to either sum), sd inf for a column constant over the rows."""
+    n = log.shape[0]
     mean = np.asarray(log.sum(axis=0, dtype=np.float64)).ravel() / n
     mean_sq = np.asarray(log.multiply(log).sum(axis=0, dtype=np.float64)).ravel() / n
-    std = np.sqrt(np.maximum(mean_sq - mean ** 2, 0.0) * n / (n - 1))
+    sd = np.sqrt(np.maximum(mean_sq - mean ** 2, 0.0) * n / (n - 1))
     low = np.asarray(log.min(axis=0).toarray()).ravel()  # 0 wherever a gene has a zero
     high = np.asarray(log.max(axis=0).toarray()).ravel()
-    std[high == low] = np.inf  # constant: as _scale
-    v = np.minimum(mean / std, clip)
+    sd[high == low] = np.inf
+    return mean, sd
+
+
+def _scaled_counts(counts, size_factors, mean, sd, clip=10.0):
+    """_scaled(log1p(counts / s), mean, sd) of CSR counts (n, g) as a ScaledCounts, without a
+    dense n x g array: v = min(mean / sd, clip), S = clip((L - mean) / sd) + v on the counts'
+    non-zeros (ScaledCounts says why that is X exactly)."""
+    log = _log_counts(counts, size_factors)
+    v = np.minimum(mean / sd, clip)
     columns = log.indices
-    log.data = (np.clip((log.data - mean[columns]) / std[columns], -clip, clip)
+    log.data = (np.clip((log.data - mean[columns]) / sd[columns], -clip, clip)
                 + v[columns]).astype(np.float32)
     return ScaledCounts(log, v.astype(np.float32))
 
 
-def _scale(x, clip=10.0):
-    """Each column to zero mean, unit variance (ddof=1), clipped to [-clip, clip]; constant
-    columns -> 0."""
+def _gene_scaling(x):
+    """Each column's mean and sd (ddof=1) of x (n, g); sd inf for a constant column (its float32
+    sd is round-off, not always 0), which _scaled then sets to 0."""
     mean = x.mean(axis=0)
-    std = x.std(axis=0, ddof=1)
-    std[np.ptp(x, axis=0) == 0] = np.inf  # constant: their float32 std is round-off, not always 0
-    return np.clip((x - mean) / std, -clip, clip).astype(np.float32)
+    sd = x.std(axis=0, ddof=1)
+    sd[np.ptp(x, axis=0) == 0] = np.inf
+    return mean, sd
+
+
+def _scaled(x, mean, sd, clip=10.0):
+    """Each column of x to zero mean and unit variance by the given mean and sd, clipped to
+    [-clip, clip], float32."""
+    return np.clip((x - mean) / sd, -clip, clip).astype(np.float32)
+
+
+def prepare_like(dataset, scaling, dense_limit=DENSE_LIMIT):
+    """Other cells preprocessed as the cells scaling was learned from (reuse: a saved model on
+    new cells): the same genes, matched by name (a gene the dataset lacks reads as no counts in
+    every cell, said in a note), size factors by the same median library size, log1p and each
+    gene scaled by the same mean and sd and clipped alike. Cells without counts are dropped, as
+    by preprocess. On the cells scaling was learned from it gives preprocess's Prepared again.
+    -> Prepared (genes: each kept gene's column in dataset, -1 where it lacks one); ValueError
+    when the dataset has no gene names or none of the genes."""
+    name = dataset.name or "dataset"
+    if dataset.gene_names is None:
+        raise ValueError(f"{name}: no gene names, so its genes cannot be matched to the model's")
+    x = sp.csr_matrix(dataset.counts, dtype=np.float32)
+    problem = count_problem(x.data, "counts")
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    column = {gene: j for j, gene in enumerate(np.asarray(dataset.gene_names).astype(str))}
+    genes = np.array([column.get(str(gene), -1) for gene in scaling.genes])
+    found = genes >= 0
+    if not found.any():
+        raise ValueError(f"{name}: none of the model's {len(genes)} genes is among its "
+                         f"{x.shape[1]} genes (another gene naming?)")
+    n0 = x.shape[0]
+    cells = np.flatnonzero(np.asarray(x.sum(axis=1, dtype=np.float64)).ravel() > 0)
+    if len(cells) < 3:
+        raise ValueError(f"{name}: only {len(cells)} cells with non-zero counts")
+    if len(cells) < n0:
+        x = x[cells]
+    library = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+    size_factors = library / scaling.median_library
+    pick = sp.csr_matrix((np.ones(found.sum(), np.float32), (genes[found], np.flatnonzero(found))),
+                         shape=(x.shape[1], len(genes)))  # column j <- the dataset's gene
+    counts = x[:, genes] if found.all() else sp.csr_matrix(x @ pick)
+    counts.sort_indices()
+    if counts.shape[0] * counts.shape[1] <= dense_limit:
+        counts = counts.toarray()
+        log = np.log1p(counts / size_factors[:, None].astype(np.float32))
+        encoder_input = _scaled(log, scaling.mean, scaling.sd, scaling.clip)
+    else:
+        encoder_input = _scaled_counts(counts, size_factors, scaling.mean, scaling.sd,
+                                       scaling.clip)
+    note = (f"{name}: dropped {n0 - len(cells)} of {n0} cells with zero counts; "
+            f"{found.sum()} of the model's {len(genes)} genes found"
+            + ("" if found.all() else f", the other {(~found).sum()} read as zero counts"))
+    labels = None if dataset.labels is None else np.asarray(dataset.labels)[cells]
+    return Prepared(
+        x=encoder_input, counts=counts, size_factors=size_factors.astype(np.float32),
+        genes=genes, cells=cells,
+        labels=labels if labels is not None and np.any(labels >= 0) else None,
+        label_names=dataset.label_names, gene_names=np.asarray(scaling.genes),
+        cell_names=names_or_numbered(dataset.cell_names, "cell", n0)[cells],
+        name=dataset.name, notes=list(dataset.notes) + [note], scaling=scaling)
+
+
+def digest(prepared, adjacency):
+    """A hex digest of preprocessed cells (x, counts, size factors, labels) and their graph A:
+    equal for the same data only (sctcm's cache of phase 1, a saved model's --resume)."""
+    hashed = hashlib.sha256()
+    matrices = [prepared.x, prepared.counts, prepared.size_factors, adjacency]
+    for matrix in matrices + ([] if prepared.labels is None else [prepared.labels]):
+        if isinstance(matrix, ScaledCounts):
+            hashed.update(matrix.v.tobytes())
+            matrix = matrix.s
+        arrays = [matrix.data, matrix.indices, matrix.indptr] if sp.issparse(matrix) else [matrix]
+        for array in arrays:
+            hashed.update(np.ascontiguousarray(array).tobytes())
+    return hashed.hexdigest()
 
 
 # ---------------------------------------------------------------- kNN graph
@@ -334,17 +439,39 @@ def knn_graph(x, k=15, n_pcs=50, exact=None):
     100,000 synthetic cells on 2 cores; the approximate search takes 32 s there and finds 94% of
     the true neighbours). x may be a ScaledCounts (randomized_components).
     -> (n, n) scipy.sparse.csr_matrix, float32."""
+    return cell_graph(x, k, n_pcs, exact)[0]
+
+
+def cell_graph(x, k=15, n_pcs=50, exact=None):
+    """knn_graph, with the principal components it is built on -> (A, (mean (g,), axes (g, m))):
+    other cells' coordinates on them are project(x, components), as a saved model's graph of
+    new cells is built (reuse)."""
     if not isinstance(x, ScaledCounts):
         x = np.asarray(x, dtype=np.float64)
-    n = x.shape[0]
-    if n < 2 or k < 1:
-        raise ValueError(f"knn_graph needs at least 2 cells and k >= 1 (got {n} cells, k={k})")
+    if x.shape[0] < 2 or k < 1:
+        raise ValueError(f"knn_graph needs at least 2 cells and k >= 1 (got {x.shape[0]} cells, "
+                         f"k={k})")
+    mean, axes, pcs = principal_components(x, n_pcs)
+    return neighbour_graph(pcs, k, exact), (mean, axes)
+
+
+def project(x, components):
+    """The coordinates (x - mean) axes of the rows of x (dense, or a ScaledCounts: S axes -
+    1 ((v + mean) axes), no n x g array) on given components (mean, axes) -> (n, m)."""
+    mean, axes = components
+    if isinstance(x, ScaledCounts):
+        return x.s @ axes - (x.v + mean) @ axes
+    return (np.asarray(x, dtype=np.float64) - mean) @ axes
+
+
+def neighbour_graph(points, k=15, exact=None):
+    """The symmetric kNN graph of knn_graph on given coordinates points (n, m)."""
+    n = points.shape[0]
     k = min(k, n - 1)
-    pcs = pca(x, n_pcs)
     if exact or (exact is None and n <= EXACT_KNN_CELLS):
-        _, idx = cKDTree(pcs).query(pcs, k=k + 1, workers=-1)
+        _, idx = cKDTree(points).query(points, k=k + 1, workers=-1)
     else:
-        idx = approximate_neighbours(pcs, k + 1)
+        idx = approximate_neighbours(points, k + 1)
     keep = idx != np.arange(n)[:, None]
     keep[keep.all(axis=1), -1] = False  # duplicates of a cell can push it out of its own list
     cols = idx[keep].reshape(n, k)

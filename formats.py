@@ -882,13 +882,15 @@ def scratch_folder(out):
 
 def write_run(folder, tables, history, summary):
     """A run's files into folder: each of tables ({file name: {column: values}}) as a CSV file,
-    history.csv (one row per history dict, the union of their keys as columns) and
-    summary.json. A value None or NaN is written as an empty field."""
+    history.csv (one row per history dict, the union of their keys as columns; none without
+    history) and summary.json. A value None or NaN is written as an empty field."""
     for name, columns in tables.items():
         _write_csv(folder / name, list(columns), zip(*[map(_field, values)
                                                        for values in columns.values()]))
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    _write_csv(folder / "history.csv", keys, ([row.get(k, "") for k in keys] for row in history))
+    if history:
+        keys = list(dict.fromkeys(k for row in history for k in row))
+        _write_csv(folder / "history.csv", keys,
+                   ([row.get(k, "") for k in keys] for row in history))
     write_summary(folder, summary)
 
 

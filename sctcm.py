@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import scipy
-import scipy.sparse as sp
 import torch
 
 import datasets
 import formats
 import plots
+import reuse
 import settings
 from clustering import (ari, cluster_evidence, kept, kmeans_restarts, lowest_inertia, merges,
                         merge_overclusters, modularity, most_central, most_kept, nearest_mean,
@@ -67,13 +67,14 @@ def recommend_k(rows):
     return max(rows, key=lambda row: (row["merge_modularity"], -row["k"]))["k"]
 
 
-def choose_k(prepared, adjacency, ks, config, log=print):
-    """One phase 1 for every K of ks, then at each K the start (the consistent merge) and the
-    label-free criteria of k_criteria, and the recommended K (recommend_k) -> (rows,
-    recommended, pretrained): one row per K, with the start's scores when cells are labelled.
-    Phase 1's log rows measure k-means of Z at the first K of ks."""
-    pretrained = pretrain(prepared, adjacency, config,
-                          Report(prepared.labels, ks[0], config, log))
+def choose_k(prepared, adjacency, ks, config, log=print, pretrained=None):
+    """One phase 1 for every K of ks (or pretrained, given), then at each K the start (the
+    consistent merge) and the label-free criteria of k_criteria, and the recommended K
+    (recommend_k) -> (rows, recommended, pretrained): one row per K, with the start's scores
+    when cells are labelled. Phase 1's log rows measure k-means of Z at the first K of ks."""
+    if pretrained is None:
+        pretrained = pretrain(prepared, adjacency, config,
+                              Report(prepared.labels, ks[0], config, log))
     z = codes(pretrained.model, pretrained.data).cpu().numpy()
     restarts = kmeans_restarts(z, config.n_over, seed=config.seed)
     rows = []
@@ -197,37 +198,28 @@ def phase1(prepared, adjacency, n_clusters, config, cache, log=print):
 
 
 def phase1_key(prepared, adjacency, n_clusters, config):
-    """A digest of what phase 1 and its log rows depend on: the preprocessed cells, the graph,
-    the labels its rows score, the Config fields of training.PHASE1_FIELDS, K (its rows' k-means),
+    """A digest of what phase 1 and its log rows depend on: the preprocessed cells and the graph
+    (datasets.digest), the Config fields of training.PHASE1_FIELDS, K (its rows' k-means),
     torch's threads (they change the float sums) and version."""
-    digest = hashlib.sha256()
-    matrices = [prepared.x, prepared.counts, prepared.size_factors, adjacency]
-    for matrix in matrices + ([] if prepared.labels is None else [prepared.labels]):
-        if isinstance(matrix, datasets.ScaledCounts):
-            digest.update(matrix.v.tobytes())
-            matrix = matrix.s
-        arrays = [matrix.data, matrix.indices, matrix.indptr] if sp.issparse(matrix) else [matrix]
-        for array in arrays:
-            digest.update(np.ascontiguousarray(array).tobytes())
     fields = {name: getattr(config, name) for name in PHASE1_FIELDS}
-    digest.update(json.dumps([fields, int(n_clusters), torch.get_num_threads(),
-                              torch.__version__, PHASE1_FORMAT]).encode())
-    return digest.hexdigest()[:20]
+    key = json.dumps([datasets.digest(prepared, adjacency), fields, int(n_clusters),
+                      torch.get_num_threads(), torch.__version__, PHASE1_FORMAT])
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def fit_ks(prepared, adjacency, ks, config, seeds=1, every_k=False, log=print, cache=None,
-           lap=None):
+           lap=None, pretrained=None):
     """fit_seeds at the one K of ks, or for several: choose_k's one phase 1, its criteria and
     recommended K, then fit_seeds at that K from the same phase 1 (metrics: k_selection, one
     row per K, and recommended_k), and with every_k the labels of a phase 2 at each K from that
     phase 1 too (Result.every_k). cache: a folder of phase 1s (phase1), for one K only; lap:
-    Stopwatch.lap, or None."""
+    Stopwatch.lap, or None; pretrained: phase 1 already run (--resume)."""
     if len(ks) == 1:
-        return fit_seeds(prepared, adjacency, ks[0], config, seeds, log, cache=cache, lap=lap)
+        return fit_seeds(prepared, adjacency, ks[0], config, seeds, log, pretrained, cache, lap)
     log(f"choosing K among {ks[0]}-{ks[-1]}: one phase 1, then the start at each of {len(ks)} "
         f"K (a few seconds each), then phase 2 at the recommended K"
         + (" and at every K" if every_k else ""))
-    rows, k, pretrained = choose_k(prepared, adjacency, ks, config, log)
+    rows, k, pretrained = choose_k(prepared, adjacency, ks, config, log, pretrained)
     if lap:
         lap("choosing K")
     result = fit_seeds(prepared, adjacency, k, config, seeds, log, pretrained, lap=lap)
@@ -266,6 +258,22 @@ def cluster(counts, n_clusters, labels=None, log=print, seeds=1, every_k=False, 
     prepared, adjacency = prepare(dataset, ks, config)
     datasets.describe(prepared, adjacency, ks[0] if len(ks) == 1 else f"{ks[0]}-{ks[-1]}", log)
     result = fit_ks(prepared, adjacency, ks, config, seeds, every_k, log)
+    return aligned_result(result, prepared.cells, dataset.counts.shape[0])
+
+
+def load(folder):
+    """The model a run saved in its output folder (model.pt: reuse.load) -> reuse.Trained."""
+    return reuse.load(folder)
+
+
+def assign(trained, counts, gene_names, labels=None, log=print, device="cpu"):
+    """New cells assigned by a saved model (load), without training (reuse.assign): counts
+    (n, g) raw counts, cells x genes, numpy or scipy sparse, with gene_names (g,) matched by
+    name to the model's genes; labels: optional, for scoring only -> Result whose per-cell
+    arrays line up with the rows of counts (-1 or NaN for a row without counts)."""
+    dataset = datasets.from_counts(counts, labels)
+    dataset.gene_names = np.asarray(gene_names).astype(str)
+    prepared, result = reuse.assign(trained, dataset, log, device)
     return aligned_result(result, prepared.cells, dataset.counts.shape[0])
 
 
@@ -327,7 +335,8 @@ def prepare(dataset, ks, config, lap=None):
     if config.init in ("consistent", "merge", "consensus") and k > config.n_over:
         raise ValueError(f"--init {config.init} merges the {config.n_over} overclusters: "
                          f"--clusters {k} needs --n-over at least as large")
-    adjacency = datasets.knn_graph(prepared.x, k=config.n_neighbors, n_pcs=config.n_pcs)
+    adjacency, prepared.components = datasets.cell_graph(prepared.x, config.n_neighbors,
+                                                         config.n_pcs)
     lap("graph")
     return prepared, adjacency
 
@@ -422,15 +431,47 @@ def _files(parser):
     parser.add_argument("--transpose", action=argparse.BooleanOptionalAction, help="a CSV/TSV "
                         "table or X/Y or exprs matrix lies genes x cells (--no-transpose: cells x "
                         "genes); default: told from labels, names or the counts, and said")
+    parser.add_argument("--model", metavar="RUN", help="assign the cells of PATH with the model a "
+                        "run saved in its folder RUN (RUN/model.pt): its genes, scaling, "
+                        "encoder and centres; no training")
+    parser.add_argument("--resume", metavar="RUN", help="phase 2 again, at --clusters K (or a "
+                        "range), from the phase 1 saved in RUN, on the same file: what a run at "
+                        "K from that phase 1 gives")
     parser.add_argument("--plot", action="store_true", help="also draw fig2.png, embedding.png "
                         "and losses.png (needs matplotlib, an optional extra)")
 
 
 def _inputs(args, config, lap):
-    """Check the command line, then load, preprocess and build the graph; every bad input raises
-    ValueError (one line). lap: Stopwatch.lap."""
+    """Check the command line, then load, preprocess and build the graph -> (dataset, prepared,
+    adjacency, ks, config, pretrained): config with the saved run's phase-1 settings and
+    pretrained its phase 1 with --resume, else config as given and None. Every bad input
+    raises ValueError (one line). lap: Stopwatch.lap."""
     _check_settings(args.clusters, config)
     _check_seeds(args.seeds)
+    _check_files(args)
+    if args.cache and len(args.clusters or ()) > 1:
+        raise ValueError("--cache keeps the phase 1 of a run at one K; choosing K among several "
+                         "runs its own")
+    if args.every_k and len(args.clusters or ()) < 2:
+        raise ValueError("--every-k runs phase 2 at each K of a range: give --clusters 5-15 "
+                         "or a list 6,8,10")
+    trained = None
+    if args.resume:
+        for flag, given in (("--cache", args.cache), ("--seeds", args.seeds > 1)):
+            if given:
+                raise ValueError(f"{flag} runs phase 1 again; --resume runs phase 2 from the "
+                                 "saved phase 1")
+        trained = reuse.load(args.resume)
+        config = _resumed_config(config, trained)
+    dataset, ks = _read(args)
+    lap("reading")
+    prepared, adjacency = prepare(dataset, ks, config, lap)
+    pretrained = None if trained is None else reuse.resumed(trained, prepared, adjacency, config)
+    return dataset, prepared, adjacency, ks, config, pretrained
+
+
+def _check_files(args):
+    """The checks of what a run reads and writes (PATH or --demo, --out, --plot)."""
     if bool(args.demo) == bool(args.path):
         raise ValueError("give either a count matrix PATH or --demo")
     for flag, value in (("--label-key", args.label_key), ("--labels", args.labels),
@@ -441,24 +482,32 @@ def _inputs(args, config, lap):
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot draws with matplotlib, which is not installed (pip install "
                          "matplotlib)")
-    if args.cache and len(args.clusters or ()) > 1:
-        raise ValueError("--cache keeps the phase 1 of a run at one K; choosing K among several "
-                         "runs its own")
-    if args.every_k and len(args.clusters or ()) < 2:
-        raise ValueError("--every-k runs phase 2 at each K of a range: give --clusters 5-15 "
-                         "or a list 6,8,10")
+
+
+def _read(args):
+    """The dataset of PATH (formats.load) or --demo, and the K to run -> (dataset, ks)."""
     if args.demo:
         dataset = datasets.synthetic(**datasets.DEMOS[args.demo])
-        ks = args.clusters or [len(dataset.label_names)]
-    else:
-        if args.clusters is None:
-            raise ValueError("--clusters K is required with a file")
-        dataset = formats.load(args.path, label_key=args.label_key, layer=args.layer,
-                               transpose=args.transpose, labels=args.labels)
-        ks = args.clusters
-    lap("reading")
-    prepared, adjacency = prepare(dataset, ks, config, lap)
-    return dataset, prepared, adjacency, ks
+        return dataset, args.clusters or [len(dataset.label_names)]
+    if args.clusters is None and not args.model:
+        raise ValueError("--clusters K is required with a file")
+    dataset = formats.load(args.path, label_key=args.label_key, layer=args.layer,
+                           transpose=args.transpose, labels=args.labels)
+    return dataset, args.clusters
+
+
+def _resumed_config(config, trained):
+    """config with the saved run's phase-1 settings (training.PHASE1_FIELDS but the device), so
+    that phase 2 starts from its phase 1 as the run did; ValueError for one given with another
+    value."""
+    defaults = Config()
+    for name in PHASE1_FIELDS:
+        given, saved = getattr(config, name), getattr(trained.config, name)
+        if name != "device" and given != getattr(defaults, name) and given != saved:
+            raise ValueError(f"--{name.replace('_', '-')} {given}: --resume runs phase 2 from "
+                             f"the phase 1 of {trained.folder}, trained with {saved}")
+    return dataclasses.replace(config, **{name: getattr(trained.config, name)
+                                          for name in PHASE1_FIELDS if name != "device"})
 
 
 BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -486,39 +535,33 @@ def main(argv=None):
     start, stopwatch = time.time(), Stopwatch()
     config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     config.decoder = tuple(config.decoder)
+    if args.model:
+        return _assign_main(args, config, start, stopwatch)
     try:
-        dataset, prepared, adjacency, ks = _inputs(args, config, stopwatch.lap)
+        dataset, prepared, adjacency, ks, config, pretrained = _inputs(args, config,
+                                                                       stopwatch.lap)
     except ValueError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
-    n, g = prepared.x.shape
     n_input = dataset.counts.shape[0]
     dataset = dataclasses.replace(dataset, counts=None)  # read no more: free its memory
     datasets.describe(prepared, adjacency, ks[0] if len(ks) == 1 else f"{ks[0]}-{ks[-1]}",
                       print)
     try:
         result = fit_ks(prepared, adjacency, ks, config, args.seeds, args.every_k,
-                        cache=args.cache, lap=stopwatch.lap)
+                        cache=args.cache, lap=stopwatch.lap, pretrained=pretrained)
     except FloatingPointError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
-    seconds = time.time() - start
     scored = " | ".join(f"{key.upper()} {v:.4f}" for key, v in result.metrics.items()
                         if key in ("acc", "nmi", "ari"))
-    print(f"done in {seconds:.1f} s" + (f" | {scored}" if scored else ""))
-    summary = {
-        "dataset": dataset.name, "cells": n, "genes": g,
-        "clusters": result.metrics.get("recommended_k", ks[0]),
-        "metrics": result.metrics,
-        "seconds": {"total": seconds}, "stages": stopwatch.stages,
-        "peak_memory_mb": formats.peak_memory_mb(), "threads": torch.get_num_threads(),
-        "config": dataclasses.asdict(config),
-        "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
-                     "scipy": scipy.__version__, "torch": torch.__version__},
-    }
-    out = Path(args.out)
-    tmp = formats.scratch_folder(out)
+    print(f"done in {time.time() - start:.1f} s" + (f" | {scored}" if scored else ""))
+    summary = _summary(dataset.name, prepared, result, config, stopwatch,
+                       clusters=result.metrics.get("recommended_k", ks[0]))
+    tmp = formats.scratch_folder(Path(args.out))
     written = write_files(tmp, dataset.cell_names, n_input, prepared, result, summary)
+    reuse.save(tmp / reuse.MODEL_FILE, result, config, prepared, adjacency)
+    written.append(reuse.MODEL_FILE)
     if args.plot:
         written += plots.draw(tmp, result.history, result.embedding, result.labels,
                               prepared.labels, prepared.label_names, prepared.name,
@@ -528,10 +571,72 @@ def main(argv=None):
         plots.plot_k_selection(tmp / "k_selection.png", result.metrics["k_selection"],
                                result.metrics["recommended_k"])
         written.append("k_selection.png")
+    return _publish(args, tmp, written, summary, start, stopwatch)
+
+
+def _assign_main(args, config, start, stopwatch):
+    """python sctcm.py PATH --model RUN: the cells of PATH assigned by RUN's saved model
+    (reuse.assign), no training; labels.csv, embedding.csv, centres.csv, clusters.csv,
+    results.h5ad and summary.json as a run writes them."""
+    try:
+        _check_model_flags(args, config)
+        _check_files(args)
+        trained = reuse.load(args.model)
+        dataset, _ = _read(args)
+        stopwatch.lap("reading")
+        prepared, result = reuse.assign(trained, dataset, print, config.device)
+        stopwatch.lap("assigning")
+    except ValueError as err:
+        print(f"sctcm: error: {err}", file=sys.stderr)
+        return 2
+    evidence(result, trained.config)
+    scored = " | ".join(f"{key.upper()} {v:.4f}" for key, v in result.metrics.items()
+                        if key in ("acc", "nmi", "ari"))
+    print(f"done in {time.time() - start:.1f} s" + (f" | {scored}" if scored else ""))
+    summary = _summary(dataset.name, prepared, result, trained.config, stopwatch,
+                       clusters=trained.n_clusters, model=str(trained.folder))
+    tmp = formats.scratch_folder(Path(args.out))
+    written = write_files(tmp, dataset.cell_names, dataset.counts.shape[0], prepared, result,
+                          summary)
+    return _publish(args, tmp, written, summary, start, stopwatch)
+
+
+def _check_model_flags(args, config):
+    """--model trains nothing: refuse, in one line, a flag that sets how a run trains (any
+    Config field but the device off its default, --clusters, --seeds, ...)."""
+    defaults = Config()
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Config)
+             if f.name != "device" and getattr(config, f.name) != getattr(defaults, f.name)]
+    given += [flag for flag, value in (("--clusters", args.clusters), ("--seeds", args.seeds != 1),
+                                       ("--every-k", args.every_k), ("--cache", args.cache),
+                                       ("--resume", args.resume), ("--plot", args.plot))
+              if value]
+    if given:
+        raise ValueError(f"{given[0]} sets how a run trains; --model assigns the cells with the "
+                         f"model trained in {args.model}, with its own settings")
+
+
+def _summary(name, prepared, result, config, stopwatch, **more):
+    """summary.json of a run: the data, the metrics, each stage (Stopwatch), the settings and
+    the versions; more: further top-level entries (clusters, model)."""
+    n, g = prepared.x.shape
+    return {
+        "dataset": name, "cells": n, "genes": g, **more, "metrics": result.metrics,
+        "seconds": {}, "stages": stopwatch.stages, "peak_memory_mb": formats.peak_memory_mb(),
+        "threads": torch.get_num_threads(), "config": dataclasses.asdict(config),
+        "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
+                     "scipy": scipy.__version__, "torch": torch.__version__},
+    }
+
+
+def _publish(args, tmp, written, summary, start, stopwatch):
+    """The end of a run: summary.json again with the writing's time and the total, the scratch
+    folder moved to --out, the files and the stages printed -> 0."""
     stopwatch.lap("writing")
     summary["seconds"]["total"] = time.time() - start
     summary["peak_memory_mb"] = formats.peak_memory_mb()
-    formats.write_summary(tmp, summary)  # again, with the writing's own time
+    formats.write_summary(tmp, summary)
+    out = Path(args.out)
     formats.publish(tmp, out, args.overwrite)
     print(f"wrote {out}/: " + " ".join(written))
     print("stages (seconds, peak memory): " + ", ".join(
@@ -580,7 +685,8 @@ def write_files(folder, cell_names, n, prepared, result, summary):
                 "margin": _rounded(cells.margin), "reliable": cells.reliable}
     if cells.stability is not None:
         per_cell["stability"] = _rounded(cells.stability)
-    per_cell["baseline"] = cells.baseline
+    if cells.baseline is not None:
+        per_cell["baseline"] = cells.baseline
     for k, labels in (cells.every_k or {}).items():
         per_cell[f"cluster_K{k}"] = labels
     per_cell["note"] = np.where(clustered, "", DROPPED)
@@ -597,12 +703,13 @@ def write_files(folder, cell_names, n, prepared, result, summary):
     if "k_selection" in result.metrics:
         rows = result.metrics["k_selection"]
         tables["k_selection.csv"] = {key: [row[key] for row in rows] for key in rows[0]}
-    formats.write_run(folder, tables, result.history, summary)
+    formats.write_run(folder, tables, result.history, summary)  # no history.csv without history
     formats.write_h5ad(folder / "results.h5ad", names, per_cell, {"X_sctcm": cells.embedding},
                        {"sctcm": summary},
                        categorical=[key for key in per_cell if key.startswith(("cluster",
                                                                                "baseline"))])
-    return [*tables, "history.csv", "summary.json", "results.h5ad"]
+    return [*tables, *(["history.csv"] if result.history else []), "summary.json",
+            "results.h5ad"]
 
 
 def _code_columns(z):

@@ -9,6 +9,7 @@ stops when the clusters' mean intrinsic dimension reaches their mean linear intr
 decides anything.
 """
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,9 @@ class Result:
     stability: np.ndarray | None = None   # with several seeds: share of runs that agree
     baseline: np.ndarray | None = None    # k-means on the principal components (fit_seeds)
     every_k: dict | None = None           # K -> labels of a phase 2 at every K (fit_ks)
+    model: Model | None = None            # f_E and f_D^(2) at the end (reuse.save)
+    phi_o: np.ndarray | None = None       # phi^o at the end, (n_o, d)
+    phase1: dict | None = None            # Pretrained.state() after phase 1 (--resume)
 
 
 # ---------------------------------------------------------------- what every epoch reads
@@ -155,24 +159,34 @@ class Pretrained:
     def model_device(self):
         return next(self.model.parameters()).device
 
+    def state(self):
+        """Phase 1 as plain data: a copy of the model's weights after it, its history rows and
+        the generators (tensors, numbers and strings: torch.load reads them with
+        weights_only=True, so a file of them can run no code)."""
+        weights = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+        return {"model": weights, "rows": self.rows, "random_state": self.random_state}
+
     def save(self, path):
-        """The model, the history rows and the generators after phase 1, into one file that
-        torch.load reads with weights_only=True (tensors, numbers and strings: no code)."""
-        torch.save({"format": PHASE1_FORMAT, "model": self.model.state_dict(),
-                    "rows": self.rows, "random_state": self.random_state}, path)
+        """state() into one file, with its format."""
+        torch.save({"format": PHASE1_FORMAT, **self.state()}, path)
+
+    @classmethod
+    def restore(cls, state, prepared, adjacency, config):
+        """Phase 1 from state(), for the same data and config (the tensors and Sampler are made
+        again, as pretrain makes them)."""
+        data, sampler, model = setup(prepared, adjacency, config)
+        model.load_state_dict(state["model"])
+        random_state = {key: value.cpu() for key, value in state["random_state"].items()}
+        return cls(model, data, sampler, state["rows"], random_state)
 
     @classmethod
     def load(cls, path, prepared, adjacency, config):
-        """Phase 1 as save left it, for the same data and config (the tensors and Sampler are
-        made again, as pretrain makes them)."""
+        """Phase 1 as save left it (restore); ValueError for a file of another format."""
         saved = torch.load(path, weights_only=True, map_location=config.device)
         if saved.get("format") != PHASE1_FORMAT:
             raise ValueError(f"{path}: a phase 1 of another format ({saved.get('format')!r}, "
                              f"this code reads {PHASE1_FORMAT})")
-        data, sampler, model = setup(prepared, adjacency, config)
-        model.load_state_dict(saved["model"])
-        random_state = {key: value.cpu() for key, value in saved["random_state"].items()}
-        return cls(model, data, sampler, saved["rows"], random_state)
+        return cls.restore(saved, prepared, adjacency, config)
 
 
 PHASE1_FORMAT = 1  # raised whenever what Pretrained.save writes changes
@@ -362,6 +376,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     data = dict(pretrained.data)  # this run's own: rewire replaces its graph
     sampler = pretrained.sampler
     report = Report(prepared.labels, n_clusters, config, log, pretrained.rows)
+    phase1 = pretrained.state()  # before phase 2 trains its model
     lap("phase 1")
 
     # --- the start: phi^o = k-means on Z, phi^c = mean codes of a partition of the cells
@@ -440,20 +455,27 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     lap("phase 2")
 
     # --- final labels: argmax of Eq. (5), and how sure each cell is of it (Eq. 6's margin)
-    z = codes(model, data)
-    with torch.no_grad():
-        p = soft_assign(z, phi["c"])
-        confidence = p.max(1).values.cpu().numpy()
-        margin = margins(p).cpu().numpy()
-        reliable = target_distribution(p, beta["c"])[1].cpu().numpy()
-    labels = p.argmax(1).cpu().numpy()
+    final = assignment(codes(model, data), phi["c"], beta["c"])
     start_scores = {key: start_row[key] for key in ("acc", "nmi", "ari", "kept")
                     if key in start_row}
-    metrics = {**scores(prepared.labels, labels), "start": start_scores,
+    metrics = {**scores(prepared.labels, final.labels), "start": start_scores,
                "phase2_epochs": state.epoch}
-    return Result(labels=labels, embedding=z.cpu().numpy(), history=report.rows,
-                  metrics=metrics, pretrained=z_phase1, start=start,
-                  centres=phi["c"].detach().cpu().numpy(), confidence=confidence,
-                  margin=margin, reliable=reliable,
-                  beta_c=torch.as_tensor(beta["c"]).cpu().expand(n_clusters).numpy(),
-                  reliable_start=reliable_start)
+    return dataclasses.replace(final, history=report.rows, metrics=metrics, pretrained=z_phase1,
+                               start=start, reliable_start=reliable_start, model=model,
+                               phi_o=phi["o"].detach().cpu().numpy(), phase1=phase1)
+
+
+@torch.no_grad()
+def assignment(z, centres, beta_c):
+    """The partition of codes z (n, d) at centres phi^c (K, d), Eq. (5)'s argmax, and how sure
+    each cell is of it: p of its cluster (confidence), the margin that Eq. (6) thresholds and
+    whether it reaches beta_c (reliable) -> Result (labels, embedding, centres, confidence,
+    margin, reliable, beta_c: (K,) the threshold of each cluster)."""
+    centres = torch.as_tensor(centres, dtype=z.dtype, device=z.device)
+    p = soft_assign(z, centres)
+    beta = torch.as_tensor(beta_c, dtype=z.dtype, device=z.device).expand(len(centres))
+    return Result(labels=p.argmax(1).cpu().numpy(), embedding=z.cpu().numpy(),
+                  centres=centres.cpu().numpy(), confidence=p.max(1).values.cpu().numpy(),
+                  margin=margins(p).cpu().numpy(),
+                  reliable=target_distribution(p, beta)[1].cpu().numpy(),
+                  beta_c=beta.cpu().numpy())
