@@ -829,6 +829,53 @@ def _labels_by_name(parts, by_name, path):
     return replace(parts, labels=labels, names=None, notes=parts.notes + [note])
 
 
+# ---------------------------------------------------------------- an AnnData in memory
+
+def is_anndata(obj):
+    """Whether obj looks like an AnnData in memory (duck-typed: .X, .obs and .var_names), as
+    sctcm.cluster takes one without importing anndata."""
+    return all(hasattr(obj, name) for name in ("X", "obs", "var_names"))
+
+
+def anndata_counts(adata, layer=None, labels=None):
+    """The raw counts of an AnnData in memory, found as load finds an .h5ad's: layer a key of
+    .layers, or "raw" (.raw.X, with .raw.var_names); without it .X when it holds raw counts,
+    else .layers["counts"] -> (counts, gene names, labels: as given, or the values of the obs
+    column labels names). A one-line ValueError when none holds counts or a name is missing."""
+    layers = dict(getattr(adata, "layers", None) or {})
+    raw = getattr(adata, "raw", None)
+    choices = list(layers) + (["raw"] if raw is not None else [])
+    if layer == "raw" and raw is not None:
+        matrix, genes, where = raw.X, raw.var_names, "raw.X"
+    elif layer is not None:
+        if layer not in layers:
+            raise ValueError(f"adata: no layer '{layer}' (it has {', '.join(choices) or 'none'})")
+        matrix, genes, where = layers[layer], adata.var_names, f"layers['{layer}']"
+    else:
+        matrix, genes, where = adata.X, adata.var_names, "X"
+        if _matrix_problem(matrix, "X") and "counts" in layers:
+            matrix, where = layers["counts"], "layers['counts']"
+    problem = _matrix_problem(matrix, f"adata.{where}")
+    if problem:
+        raise ValueError(f"{problem}; layer= names the layer of raw counts (it has "
+                         f"{', '.join(choices) or 'none'})")
+    if isinstance(labels, str):
+        if labels not in adata.obs:
+            raise ValueError(f"adata: labels='{labels}' is not a column of obs")
+        labels = np.asarray(adata.obs[labels], dtype=object)
+    return matrix, np.asarray(genes, dtype=str), labels
+
+
+def _matrix_problem(matrix, what):
+    """Why an AnnData's matrix is not raw counts (datasets.count_problem), or None."""
+    if matrix is None or not (sp.issparse(matrix) or hasattr(matrix, "shape")):
+        return f"{what} is not a matrix"
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
+    if values.dtype.kind not in "biuf":
+        return f"{what} holds {values.dtype} values, not counts"
+    return datasets.count_problem(values, what)
+
+
 # ---------------------------------------------------------------- writing a count matrix
 
 def write_xy(path, dataset):

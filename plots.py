@@ -185,9 +185,10 @@ K_CRITERIA = {  # k_selection row key -> (panel title, what a higher value means
 
 
 def plot_k_selection(path, rows, recommended):
-    """The label-free criteria of choosing K (sctcm.choose_k's rows) against K, one panel each,
-    the recommended K marked, and beside them the start's ARI at each K when the cells are
-    labelled (what the criteria try to see without the labels)."""
+    """The label-free criteria of choosing K (sctcm.choose_k's rows) against K, one panel each
+    on the whole of [0, 1], the recommended K marked, and beside them the start's ARI at each K
+    when the cells are labelled (what the criteria try to see without the labels; --blind
+    reads no labels)."""
     keys = list(K_CRITERIA) + (["ari"] if "ari" in rows[0] else [])
     fig = _figure(3.2 * len(keys), 3.2)
     ks = [row["k"] for row in rows]
@@ -195,7 +196,8 @@ def plot_k_selection(path, rows, recommended):
         title, meaning = K_CRITERIA.get(key, ("ARI of the start (labels)", "nearer the labels"))
         ax.plot(ks, [row[key] for row in rows], marker="o", ms=4)
         ax.axvline(recommended, color="grey", ls="--", lw=1, label=f"recommended K = {recommended}")
-        ax.set(title=title, xlabel="K", ylabel=f"higher: {meaning}")
+        ax.set(title=title, xlabel="K", ylabel=f"higher: {meaning}", ylim=(0, 1))  # all in [0, 1]:
+        # a full axis, so that a peak 0.001 above its neighbours looks as flat as it is
         ax.yaxis.label.set_size(8)
     fig.axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=150)

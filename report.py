@@ -5,6 +5,8 @@ LID) into one history row and one aligned log line each, and adds diagnostics th
 labels or a k-means of Z (ARI(kmeans Z), ARI(true centres Z), ID/LID under k-means): remove a
 line here and the run is the same.
 """
+import time
+
 import numpy as np
 import torch
 
@@ -58,6 +60,7 @@ class Report:
     def __init__(self, labels, n_clusters, config, log, rows=()):
         self.labels, self.k, self.config, self.log = labels, n_clusters, config, log
         self.rows, self.losses, self.adversary = list(rows), {}, {}
+        self.began = {1: (time.time(), 0)}  # phase -> (time, epoch) it began: for time_left
 
     def phase1(self, epoch, out, z):
         """A phase-1 row: the losses of the epoch's pass out, and ID/LID (a diagnostic here: phase
@@ -112,8 +115,21 @@ class Report:
         self.rows.append(row)
         parts = [f"phase {row['phase']}", f"epoch {row['epoch']:4d}/{row['of']}"]
         self.log(" | ".join(parts + [text.format(**row) for key, text in LOG_KEYS.items()
-                                     if row.get(key, "") != ""]))
+                                     if row.get(key, "") != ""] + self.time_left(row)))
         return row
+
+    def time_left(self, row):
+        """A rough time left in the row's phase, from its epochs done so far ([] when under half
+        a minute): phase 2 may stop sooner, at ID = LID."""
+        began_at, first = self.began.setdefault(row["phase"], (time.time(), row["epoch"]))
+        done = row["epoch"] - first
+        if done <= 0:
+            return []
+        seconds = (time.time() - began_at) / done * (row["of"] - row["epoch"])
+        if seconds < 30:
+            return []
+        rough = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+        return [f"~{rough} left" + (" at most" if row["phase"] == 2 else "")]
 
 
 def discriminator_fields(per, active, n_clusters):

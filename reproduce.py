@@ -43,6 +43,7 @@ import geometry
 import sctcm
 import training
 from clustering import ari, centroid_ari, kmeans, scores, spectral_clustering
+from evidence import judge
 from model import (Config, clustering_loss, feature_loss, optimise, self_supervised_loss,
                    self_supervision, soft_assign, structure_loss, target_distribution)
 from plots import plot_fig2
@@ -498,8 +499,8 @@ def depth_series(depths=(1e3, 3e3, 3e4, 3e5, 3e6), seeds=(0, 1, 2), scale=1, **c
             data.counts = data.counts * np.int64(scale)
             settings, start = Config(seed=seed, **config), time.time()
             prepared, adjacency = sctcm.prepare(data, 6, settings)
-            result = sctcm.evidence(training.fit(prepared, adjacency, 6, settings, log=quiet),
-                                    settings, quiet)
+            result = judge(training.fit(prepared, adjacency, 6, settings, log=quiet), prepared,
+                           settings.m_cvx, quiet)
             l_a = [row for row in result.history if row["phase"] == 1][-1]["L_A"]
             beta_c = next(row for row in result.history if row["phase"] == 2)["beta_c"]
             print(f"| {depth:,.0f} | {scale} | {seed} | {result.metrics['ari']:.3f} | {l_a:.2f} | "

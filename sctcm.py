@@ -28,11 +28,12 @@ import scipy
 import torch
 
 import datasets
+import evidence
 import formats
 import plots
 import reuse
 import settings
-from clustering import (ari, cluster_evidence, kept, kmeans_restarts, lowest_inertia, merges,
+from clustering import (ari, kept, kmeans_restarts, lowest_inertia, merges,
                         merge_overclusters, modularity, most_central, most_kept, nearest_mean,
                         pairwise_ari, scores, stability)
 from model import Config, convex_combinations, draw_combinations
@@ -67,6 +68,23 @@ def recommend_k(rows):
     return max(rows, key=lambda row: (row["merge_modularity"], -row["k"]))["k"]
 
 
+def peak_certainty(rows, recommended, near=0.1):
+    """How sure the recommended K is, on the merge's modularity over choose_k's rows: how far
+    its peak stands above its neighbouring K and above the range's lowest value, and the K
+    whose value lies within `near` of the curve's span (highest - lowest) of the peak -> dict
+    (k, value, above_neighbours, above_lowest, close: those K, flat: another K is close)."""
+    values = {row["k"]: row["merge_modularity"] for row in rows}
+    ks = sorted(values)
+    peak = values[recommended]
+    i = ks.index(recommended)
+    neighbours = [values[k] for k in ks[max(i - 1, 0):i + 2] if k != recommended]
+    span = peak - min(values.values())
+    close = [k for k in ks if peak - values[k] <= near * span]
+    return {"k": recommended, "value": peak,
+            "above_neighbours": peak - max(neighbours) if neighbours else 0.0,
+            "above_lowest": span, "close": close, "flat": len(close) > 1}
+
+
 def choose_k(prepared, adjacency, ks, config, log=print, pretrained=None):
     """One phase 1 for every K of ks (or pretrained, given), then at each K the start (the
     consistent merge) and the label-free criteria of k_criteria, and the recommended K
@@ -86,7 +104,13 @@ def choose_k(prepared, adjacency, ks, config, log=print, pretrained=None):
     recommended = recommend_k(rows)
     edge = " (at the edge of the range: a wider range may peak elsewhere)" if recommended in (
         ks[0], ks[-1]) and len(ks) > 2 else ""
-    log(f"recommended K = {recommended}: the merge's modularity peaks there{edge}")
+    sure = peak_certainty(rows, recommended)
+    log(f"recommended K = {recommended}: the merge's modularity peaks there{edge}, "
+        f"{sure['value']:.4f}, {sure['above_neighbours']:.4f} above its neighbours and "
+        f"{sure['above_lowest']:.4f} above the range's lowest")
+    if sure["flat"]:
+        log(f"a flat peak: K = {', '.join(map(str, sure['close']))} lie within 10% of the "
+            "curve's span of it; the graph does not single out one K (markers decide)")
     return rows, recommended, pretrained
 
 
@@ -110,38 +134,6 @@ def most_agreed(runs, first_seed, log=print):
     return chosen
 
 
-def evidence(result, config, log=print):
-    """What a user without labels can judge a run's partition by, into result.metrics and the
-    log: "clusters", one row per cluster (clustering.cluster_evidence, with the cluster's
-    beta_c: what a cell's margin must reach, Eq. 6, to be reliable), and "warnings", the lines
-    of run_warnings and cluster_evidence, each logged."""
-    clusters, crowded = cluster_evidence(result.embedding, result.labels, result.centres,
-                                         result.confidence, result.reliable, config.m_cvx)
-    for row, threshold in zip(clusters, result.beta_c.tolist()):
-        row["beta_c"] = threshold
-    alerts = run_warnings(result.history) + crowded
-    for line in alerts:
-        log(f"warning: {line}")
-    result.metrics.update(clusters=clusters, warnings=alerts)
-    return result
-
-
-def run_warnings(history):
-    """One line for each sign in fit's history rows that a run's labels mean little: L_A ended
-    phase 1 above log 2, its value at Z = 0 (the codes blew up: Eq. 5's margins mean little), or
-    the last targets had no reliable cell (q = p, L_c = 0: phase 2 did not cluster)."""
-    lines = []
-    phase1 = [row for row in history if row["phase"] == 1]
-    phase2 = [row for row in history if row["phase"] == 2]
-    if phase1 and phase1[-1]["L_A"] > np.log(2):
-        lines.append(f"L_A ended phase 1 at {phase1[-1]['L_A']:.3f}, above log 2 = 0.693 (the "
-                     "value of Z = 0): the codes blew up and their clusters may mean little")
-    if phase2 and phase2[-1]["reliable_c"] == 0:
-        lines.append("no cell was reliable (Eq. 6) at the last target update: q = p, L_c = 0 "
-                     "and L_g has no inputs, so phase 2 did not sharpen the clusters")
-    return lines
-
-
 def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretrained=None,
               cache=None, lap=None):
     """fit with `seeds` seeds (config.seed, config.seed + 1, ...) -> the Result of the run that
@@ -163,7 +155,7 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretr
             pretrained = phase1(prepared, adjacency, n_clusters, seeded, cache, log)
         runs.append(fit(prepared, adjacency, n_clusters, seeded, log=log, pretrained=pretrained,
                         lap=lap))
-    chosen = evidence(most_agreed(runs, config.seed, log) if seeds > 1 else runs[0], config, log)
+    chosen = most_agreed(runs, config.seed, log) if seeds > 1 else runs[0]
     chosen.baseline = kmeans_on_pcs(prepared, n_clusters, config)
     agreement = ari(chosen.baseline, chosen.labels)
     chosen.metrics["baseline"] = {"ari_to_sctcm": agreement,
@@ -172,6 +164,7 @@ def fit_seeds(prepared, adjacency, n_clusters, config, seeds=1, log=print, pretr
                      scores(prepared.labels, chosen.baseline).items())
     log(f"baseline: k-means on {config.n_pcs} principal components, ARI to scTCM's partition "
         f"{agreement:.3f}{scored}")
+    evidence.judge(chosen, prepared, config.m_cvx, log)
     if lap:
         lap("evidence and baseline")
     return chosen
@@ -223,7 +216,7 @@ def fit_ks(prepared, adjacency, ks, config, seeds=1, every_k=False, log=print, c
     if lap:
         lap("choosing K")
     result = fit_seeds(prepared, adjacency, k, config, seeds, log, pretrained, lap=lap)
-    result.metrics.update(k_selection=rows, recommended_k=k)
+    result.metrics.update(k_selection=rows, recommended_k=k, k_peak=peak_certainty(rows, k))
     if every_k:
         result.every_k = {other: fit(prepared, adjacency, other, config, log=log,
                                      pretrained=pretrained).labels for other in ks}
@@ -232,20 +225,26 @@ def fit_ks(prepared, adjacency, ks, config, seeds=1, every_k=False, log=print, c
 
 # ---------------------------------------------------------------- one call: counts in, labels out
 
-def cluster(counts, n_clusters, labels=None, log=print, seeds=1, every_k=False, **config):
+def cluster(counts, n_clusters, labels=None, log=print, seeds=1, every_k=False, layer=None,
+            key_added="sctcm", threads=None, **config):
     """Cluster raw counts in one call: preprocess, kNN graph A and fit, as the command line runs
     them (the same seed gives the command line's labels on the same counts).
 
-    counts: (n, g) raw counts, cells x genes, numpy or scipy sparse (AnnData: adata.layers["counts"]
-    or adata.raw.X where X is normalised); n_clusters: K, or several (range(5, 16), [6, 8, 10]):
-    one phase 1, the recommended K and phase 2 there (fit_ks; every_k: at each K too); labels:
-    optional (n,), for scoring only (missing: -1, NaN, "", "NA"); seeds: runs with seeds seed,
-    seed + 1, ... (fit_seeds: the run that agrees best with the others, and each cell's
-    stability); config: Config fields as keywords (seed=1, ...); log: where the progress lines
-    go (log=lambda line: None silences them). -> Result whose per-cell arrays (labels,
-    embedding, pretrained, start, confidence, margin, reliable, stability, baseline, every_k)
-    line up with the rows of counts: -1 (labels, start, baseline), NaN or False for a cell
-    preprocessing dropped (it had no counts).
+    counts: (n, g) raw counts, cells x genes, numpy or scipy sparse; or an AnnData (any object
+    with .X, .obs and .var_names: anndata is not needed), read as the command line reads an
+    .h5ad (layer: a key of .layers, or "raw" for .raw.X; by default .X when it holds counts,
+    else .layers["counts"]), and the results written into it, scanpy's way (write_anndata:
+    obs[key_added] and obs[key_added + "_confidence"], ..., obsm["X_" + key_added],
+    uns[key_added]). n_clusters: K, or several (range(5, 16), [6, 8, 10]): one phase 1, the
+    recommended K and phase 2 there (fit_ks; every_k: at each K too); labels: optional, for
+    scoring only: (n,) values (missing: -1, NaN, "", "NA") or, with an AnnData, the name of an
+    obs column; seeds: runs with seeds seed, seed + 1, ... (fit_seeds: the run that agrees best
+    with the others, and each cell's stability); threads: torch's threads during the call (the
+    command line's --threads also sets numpy's); config: Config fields as keywords (seed=1,
+    ...); log: where the progress lines go (log=lambda line: None silences them).
+    -> Result whose per-cell arrays (labels, embedding, pretrained, start, confidence, margin,
+    reliable, stability, baseline, every_k) line up with the rows of counts: -1 (labels, start,
+    baseline), NaN or False for a cell preprocessing dropped (it had no counts).
     Bad input raises the command line's one-line ValueError; a divergent run FloatingPointError."""
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
@@ -254,11 +253,54 @@ def cluster(counts, n_clusters, labels=None, log=print, seeds=1, every_k=False, 
     ks = [n_clusters] if np.ndim(n_clusters) == 0 else list(n_clusters)
     _check_settings(ks, config)
     _check_seeds(seeds)
+    adata = counts if formats.is_anndata(counts) else None
+    if adata is not None:
+        counts, gene_names, labels = formats.anndata_counts(adata, layer, labels)
+    elif layer is not None:
+        raise ValueError("layer= names where an AnnData keeps its counts; these are counts")
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise ValueError(f"threads must be a whole number, 1 or more, got {threads!r}")
     dataset = datasets.from_counts(counts, labels)
-    prepared, adjacency = prepare(dataset, ks, config)
-    datasets.describe(prepared, adjacency, ks[0] if len(ks) == 1 else f"{ks[0]}-{ks[-1]}", log)
-    result = fit_ks(prepared, adjacency, ks, config, seeds, every_k, log)
-    return aligned_result(result, prepared.cells, dataset.counts.shape[0])
+    if adata is not None:
+        dataset.gene_names, dataset.cell_names = gene_names, np.asarray(adata.obs_names, str)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        prepared, adjacency = prepare(dataset, ks, config)
+        datasets.describe(prepared, adjacency, ks[0] if len(ks) == 1 else f"{ks[0]}-{ks[-1]}",
+                          log)
+        result = fit_ks(prepared, adjacency, ks, config, seeds, every_k, log)
+    finally:
+        torch.set_num_threads(before)
+    aligned = aligned_result(result, prepared.cells, dataset.counts.shape[0])
+    if adata is not None:
+        write_anndata(adata, aligned, config, key_added)
+    return aligned
+
+
+def write_anndata(adata, result, config, key_added="sctcm"):
+    """A run's results into an AnnData, as scanpy's tools write theirs: obs[key_added] the
+    clusters (categorical; missing for a cell without counts), obs[key_added + "_confidence"],
+    "_margin", "_reliable", "_stability" (several seeds), "_baseline" (categorical), "_K9"
+    (every_k): labels.csv's columns (obs_key); obsm["X_" + key_added] the codes Z; uns[key_added]
+    the settings ("params") and the evidence ("warnings", and "clusters" and "markers" as
+    columns). Another key_added adds another set, so that runs never collide."""
+    for column, values in _per_cell(result).items():
+        name = obs_key(column, key_added)
+        if column.startswith(("cluster", "baseline")):
+            adata.obs[name] = np.array([str(v) if v >= 0 else None for v in values], dtype=object)
+            if hasattr(adata.obs, "columns"):  # a DataFrame, as in anndata: categories
+                adata.obs[name] = adata.obs[name].astype("category")
+        else:
+            adata.obs[name] = values
+    adata.obsm[f"X_{key_added}"] = result.embedding
+    as_columns = lambda rows: {key: np.array([row[key] for row in rows]) for key in rows[0]}
+    adata.uns[key_added] = {
+        "params": {key: list(value) if isinstance(value, tuple) else value
+                   for key, value in dataclasses.asdict(config).items()},
+        "warnings": np.array(result.metrics.get("warnings", []), dtype=object),
+        **{key: as_columns(result.metrics[key]) for key in ("clusters", "markers")
+           if result.metrics.get(key)}}
 
 
 def load(folder):
@@ -431,6 +473,9 @@ def _files(parser):
     parser.add_argument("--transpose", action=argparse.BooleanOptionalAction, help="a CSV/TSV "
                         "table or X/Y or exprs matrix lies genes x cells (--no-transpose: cells x "
                         "genes); default: told from labels, names or the counts, and said")
+    parser.add_argument("--blind", action="store_true", help="read no labels from the file, so "
+                        "that no score against them is printed, plotted or written (to choose "
+                        "K, or judge a run, as without labels)")
     parser.add_argument("--model", metavar="RUN", help="assign the cells of PATH with the model a "
                         "run saved in its folder RUN (RUN/model.pt): its genes, scaling, "
                         "encoder and centres; no training")
@@ -493,6 +538,8 @@ def _read(args):
         raise ValueError("--clusters K is required with a file")
     dataset = formats.load(args.path, label_key=args.label_key, layer=args.layer,
                            transpose=args.transpose, labels=args.labels)
+    if args.blind:  # no label score anywhere: the labels are not read
+        dataset = dataclasses.replace(dataset, labels=None, label_names=None)
     return dataset, args.clusters
 
 
@@ -589,7 +636,7 @@ def _assign_main(args, config, start, stopwatch):
     except ValueError as err:
         print(f"sctcm: error: {err}", file=sys.stderr)
         return 2
-    evidence(result, trained.config)
+    evidence.judge(result, prepared, trained.config.m_cvx)
     scored = " | ".join(f"{key.upper()} {v:.4f}" for key, v in result.metrics.items()
                         if key in ("acc", "nmi", "ari"))
     print(f"done in {time.time() - start:.1f} s" + (f" | {scored}" if scored else ""))
@@ -674,21 +721,15 @@ def write_files(folder, cell_names, n, prepared, result, summary):
     cluster, confidence, margin and reliable flag (Result), stability (several seeds), the
     baseline's cluster, the cluster at each K (--every-k) and a note for a cell preprocessing
     dropped (no cluster); embedding.csv (the codes of the cells kept), centres.csv (phi^c:
-    Eq. 5 from embedding.csv), clusters.csv (metrics["clusters"]), k_selection.csv (several
-    K), history.csv, summary.json, and results.h5ad: the same
-    as AnnData (obs: the columns of labels.csv, the cluster and baseline as categories; obsm
-    X_sctcm: the codes, NaN for a dropped cell; uns sctcm: the summary)."""
+    Eq. 5 from embedding.csv), clusters.csv (metrics["clusters"]), markers.csv (each cluster's
+    top genes, metrics["markers"]), k_selection.csv (several K), history.csv, summary.json, and
+    results.h5ad: the same as AnnData (obs: the columns of labels.csv named by obs_key, the
+    clusters and baseline as categories; obsm X_sctcm: the codes, NaN for a dropped cell; uns
+    sctcm: the summary)."""
     names = datasets.names_or_numbered(cell_names, "cell", n)
     cells = aligned_result(result, prepared.cells, n)
     clustered = cells.labels >= 0
-    per_cell = {"cluster": cells.labels, "confidence": _rounded(cells.confidence),
-                "margin": _rounded(cells.margin), "reliable": cells.reliable}
-    if cells.stability is not None:
-        per_cell["stability"] = _rounded(cells.stability)
-    if cells.baseline is not None:
-        per_cell["baseline"] = cells.baseline
-    for k, labels in (cells.every_k or {}).items():
-        per_cell[f"cluster_K{k}"] = labels
+    per_cell = _per_cell(cells)
     per_cell["note"] = np.where(clustered, "", DROPPED)
     shown = {key: [value if has else None for has, value in zip(clustered, values.tolist())]
              for key, values in per_cell.items()}
@@ -700,16 +741,42 @@ def write_files(folder, cell_names, n, prepared, result, summary):
               "centres.csv": {"cluster": list(range(len(result.centres))),
                               **_code_columns(result.centres)},
               "clusters.csv": {key: [row[key] for row in rows] for key in rows[0]}}
-    if "k_selection" in result.metrics:
-        rows = result.metrics["k_selection"]
-        tables["k_selection.csv"] = {key: [row[key] for row in rows] for key in rows[0]}
+    for name, key in (("markers.csv", "markers"), ("k_selection.csv", "k_selection")):
+        if result.metrics.get(key):
+            rows = result.metrics[key]
+            tables[name] = {column: [row[column] for row in rows] for column in rows[0]}
     formats.write_run(folder, tables, result.history, summary)  # no history.csv without history
-    formats.write_h5ad(folder / "results.h5ad", names, per_cell, {"X_sctcm": cells.embedding},
+    obs = {obs_key(key): values for key, values in per_cell.items()}
+    formats.write_h5ad(folder / "results.h5ad", names, obs, {"X_sctcm": cells.embedding},
                        {"sctcm": summary},
-                       categorical=[key for key in per_cell if key.startswith(("cluster",
-                                                                               "baseline"))])
+                       categorical=[obs_key(key) for key in per_cell
+                                    if key.startswith(("cluster", "baseline"))])
     return [*tables, *(["history.csv"] if result.history else []), "summary.json",
             "results.h5ad"]
+
+
+def _per_cell(cells):
+    """labels.csv's columns but the note, of a Result aligned with the input rows: cluster,
+    confidence and margin (six digits), reliable, stability and baseline where known, and the
+    cluster at each K (every_k)."""
+    per_cell = {"cluster": cells.labels, "confidence": _rounded(cells.confidence),
+                "margin": _rounded(cells.margin), "reliable": cells.reliable}
+    if cells.stability is not None:
+        per_cell["stability"] = _rounded(cells.stability)
+    if cells.baseline is not None:
+        per_cell["baseline"] = cells.baseline
+    for k, labels in (cells.every_k or {}).items():
+        per_cell[f"cluster_K{k}"] = labels
+    return per_cell
+
+
+def obs_key(column, key_added="sctcm"):
+    """The name of a labels.csv column in an AnnData's obs, prefixed as scanpy's tools name
+    theirs, so that the columns of two runs never collide: cluster -> sctcm, confidence ->
+    sctcm_confidence, cluster_K9 -> sctcm_K9."""
+    if column == "cluster":
+        return key_added
+    return f"{key_added}_{column.removeprefix('cluster_')}"
 
 
 def _code_columns(z):

@@ -270,35 +270,6 @@ def test_stability_is_the_share_of_runs_that_keep_a_cell_in_its_cluster():
     np.testing.assert_allclose(stable, by_hand)
 
 
-def test_cluster_evidence_measures_each_cluster_and_warns_where_a_class_would_look():
-    """Three clusters on a line in 2-d: A at x = 0 and B at x = 0.5 (sd 0.5 along x: one hump),
-    C at x = 10; C has no reliable cell, and a fourth cluster D holds 2 cells (m = 3)."""
-    rng = np.random.default_rng(0)
-    z = np.concatenate([rng.normal((0, 0), 0.5, (50, 2)), rng.normal((0.5, 0), 0.5, (50, 2)),
-                        rng.normal((10, 0), 0.5, (50, 2)), [[30, 0], [30.2, 0]]])
-    labels = np.repeat([0, 1, 2, 3], [50, 50, 50, 2])
-    centres = np.stack([z[labels == k].mean(0) for k in range(4)])
-    confidence = np.linspace(0.2, 0.9, len(z))
-    reliable = (confidence > 0.5) | (labels < 2)
-    reliable[labels == 2] = False
-    rows, warnings = clustering.cluster_evidence(z, labels, centres, confidence, reliable, m=3)
-    for k, row in enumerate(rows):
-        cells = labels == k
-        others = [j for j in range(4) if j != k]
-        nearest = min(others, key=lambda j: np.linalg.norm(centres[k] - centres[j]))
-        axis = (centres[nearest] - centres[k]) / np.linalg.norm(centres[nearest] - centres[k])
-        assert row["size"] == cells.sum() and row["reliable"] == reliable[cells].sum()
-        assert row["mean_confidence"] == pytest.approx(confidence[cells].mean())
-        assert row["nearest"] == nearest
-        assert row["distance"] == pytest.approx(np.linalg.norm(centres[k] - centres[nearest]))
-        assert row["spread"] == pytest.approx(np.std(z[cells] @ axis))
-        assert row["nearest_spread"] == pytest.approx(np.std(z[labels == nearest] @ axis))
-    assert len(warnings) == 3
-    assert warnings[0].startswith("clusters 0 and 1: centres")
-    assert warnings[1].startswith("cluster 2: no reliable cell")
-    assert warnings[2] == "cluster 3: 2 cells, fewer than m = 3"
-
-
 def test_kept_is_the_share_of_points_whose_nearest_mean_is_their_own_clusters():
     z = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [3.5]])
     labels = np.array([0, 0, 0, 1, 1, 1])  # means 1 and 8.17: the point at 3.5 is nearer 1

@@ -5,6 +5,7 @@ Run: python -m pytest -q (README, "Tests").
 """
 import csv
 import dataclasses
+import importlib.util
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ import torch
 
 import clustering
 import datasets
+import evidence
 import formats
 import sctcm
 import training
@@ -27,20 +29,6 @@ from model import Config
 from testkit import (QUICK, REPO, inertia_by_loop, kept_by_loop, pairs_ari, pairwise_modularity,
                      plot_run, refused, run_cli, strings, tiny_config, tiny_problem, toy_csv,
                      write_arrays, write_h5ad)
-
-
-def test_run_warnings_flag_blown_up_codes_and_an_empty_reliable_set():
-    """From the last phase-1 row (L_A above log 2 = 0.6931) and the last phase-2 row
-    (reliable_c == 0); earlier rows do not count."""
-    p1 = lambda l_a: {"phase": 1, "L_A": l_a}
-    p2 = lambda reliable: {"phase": 2, "reliable_c": reliable}
-    assert sctcm.run_warnings([p1(9.0), p1(0.69), p2(0), p2(12)]) == []
-    (line,) = sctcm.run_warnings([p1(0.5), p1(0.70), p2(3)])
-    assert "L_A ended phase 1 at 0.700" in line
-    (line,) = sctcm.run_warnings([p1(0.4), p2(5), p2(0)])
-    assert "no cell was reliable" in line
-    assert len(sctcm.run_warnings([p1(13.0), p2(0)])) == 2
-    assert sctcm.run_warnings([p1(0.4)]) == []
 
 
 @pytest.mark.slow
@@ -178,7 +166,7 @@ def test_cli_output_folder_empty_a_file_or_overwritten(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     run = lambda *args: sctcm.main(["data.h5", "--clusters", "3", *QUICK.split(), *args])
     files = ["centres.csv", "clusters.csv", "embedding.csv", "history.csv", "labels.csv",
-             "results.h5ad", "summary.json"]
+             "markers.csv", "model.pt", "results.h5ad", "summary.json"]
     (tmp_path / "empty").mkdir()
     assert run("--out", "empty") == 0  # an existing empty folder is used
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == files
@@ -313,14 +301,24 @@ def test_a_runs_files_give_every_input_cell_its_evidence(tmp_path):
         clustering.ari(baseline, [int(row["cluster"]) for row in kept]))
     sizes = {row["cluster"]: int(row["size"]) for row in _read_csv(out / "clusters.csv")}
     assert sizes == {str(k): sum(row["cluster"] == str(k) for row in kept) for k in range(3)}
-    names, obs = formats.read_obs(out / "results.h5ad")
+    names, obs = formats.read_obs(out / "results.h5ad")  # labels.csv's columns, prefixed
     assert names.tolist() == [row["cell"] for row in cells]
-    assert [str(c) if c is not None else "" for c in obs["cluster"]] == \
+    assert [str(c) if c is not None else "" for c in obs["sctcm"]] == \
         [row["cluster"] for row in cells]
-    assert np.allclose(obs["confidence"][np.array([row["cluster"] != "" for row in cells])],
+    assert np.allclose(obs["sctcm_confidence"][np.array([row["cluster"] != "" for row in cells])],
                        confidence)
-    assert np.isnan(obs["confidence"][EMPTY_ROWS]).all()
-    assert obs["note"].tolist() == [row["note"] for row in cells]
+    assert np.isnan(obs["sctcm_confidence"][EMPTY_ROWS]).all()
+    assert obs["sctcm_note"].tolist() == [row["note"] for row in cells]
+    assert list(obs) == ["sctcm", "sctcm_confidence", "sctcm_margin", "sctcm_reliable",
+                         "sctcm_baseline", "sctcm_note"]
+    markers = _read_csv(out / "markers.csv")  # each cluster's rank-sum test of its kept genes
+    ranked = evidence.rank_genes(evidence.log_expression(prepared),
+                                 np.array([int(row["cluster"]) for row in kept]), 3)
+    for row in markers:
+        k, gene = int(row["cluster"]), list(prepared.gene_names).index(row["gene"])
+        assert float(row["score"]) == pytest.approx(ranked["scores"][k, gene])
+    assert [row["rank"] for row in markers if row["cluster"] == "0"] == \
+        [str(r) for r in range(1, 51)]  # the top 50 of the 120 genes
 
 
 @pytest.mark.slow
@@ -335,7 +333,7 @@ def test_results_h5ad_opens_in_anndata(tmp_path):
     adata = anndata.read_h5ad(tmp_path / "out" / "results.h5ad")
     cells = _read_csv(tmp_path / "out" / "labels.csv")
     assert list(adata.obs_names) == [row["cell"] for row in cells]
-    assert [str(c) if c == c else "" for c in adata.obs["cluster"]] == \
+    assert [str(c) if c == c else "" for c in adata.obs["sctcm"]] == \
         [row["cluster"] for row in cells]
     assert adata.obsm["X_sctcm"].shape == (240, 4)
     assert adata.uns["sctcm"]["clusters"] == 3
@@ -587,3 +585,83 @@ def test_cli_clusters_every_cell_and_scores_those_with_a_label(capsys, tmp_path)
     metrics = json.loads((out / "summary.json").read_text())["metrics"]
     assert len(pred) == 120
     assert metrics["ari"] == pytest.approx(pairs_ari(data.labels[keep], pred[keep]), rel=1e-10)
+
+
+# ---------------------------------------------------------------- an AnnData in and back
+
+class _LikeAnnData:
+    """What sctcm.cluster reads of an AnnData and writes into it, without anndata: X, layers,
+    obs (a dict here), obs_names, var_names, obsm, uns."""
+
+    def __init__(self, x, layers=None, obs=None):
+        self.X, self.layers, self.obs = x, layers or {}, obs or {}
+        self.obs_names = [f"c{i}" for i in range(x.shape[0])]
+        self.var_names = [f"g{j}" for j in range(x.shape[1])]
+        self.obsm, self.uns = {}, {}
+
+
+QUICK_FIT = dict(pretrain_epochs=4, max_epochs=3, min_epochs=3, eval_every=2, n_over=4,
+                 hidden=16, latent=4, decoder=(16,), disc_hidden=4, n_cvx=4)
+
+
+def test_cluster_reads_an_anndatas_counts_and_writes_its_results_into_it_scanpys_way():
+    """X holds log data, layers["counts"] the counts (read by default, as from an .h5ad); the
+    results go into obs (prefixed: sctcm, sctcm_confidence, ...), obsm and uns; a second call
+    with another key_added adds its own and leaves the first."""
+    data = datasets.synthetic(n_cells=120, n_genes=60, n_clusters=3, seed=2)
+    counts = np.asarray(data.counts, dtype=np.float32)
+    adata = _LikeAnnData(np.log1p(counts), {"counts": counts},
+                         {"type": np.array(data.label_names)[data.labels]})
+    quiet = lambda line: None
+    result = sctcm.cluster(adata, 3, log=quiet, labels="type", **QUICK_FIT)
+    plain = sctcm.cluster(counts, 3, log=quiet, labels=data.labels, **QUICK_FIT)
+    assert np.array_equal(result.labels, plain.labels)  # the counts layer was read
+    assert result.metrics["ari"] == plain.metrics["ari"]
+    assert list(adata.obs["sctcm"]) == [str(k) for k in result.labels]
+    np.testing.assert_allclose(adata.obs["sctcm_confidence"], result.confidence, atol=5e-7)
+    assert np.array_equal(adata.obs["sctcm_reliable"], result.reliable)
+    assert list(adata.obs["sctcm_baseline"]) == [str(k) for k in result.baseline]
+    assert np.array_equal(adata.obsm["X_sctcm"], result.embedding)
+    assert adata.uns["sctcm"]["params"]["latent"] == 4
+    assert list(adata.uns["sctcm"]["warnings"]) == result.metrics["warnings"]
+    assert len(adata.uns["sctcm"]["markers"]["gene"]) == 3 * 50
+    sctcm.cluster(adata, 4, log=quiet, key_added="sctcm_k4", **QUICK_FIT)
+    assert {"sctcm", "sctcm_k4", "sctcm_k4_margin"} <= set(adata.obs)
+    assert list(adata.obs["sctcm"]) == [str(k) for k in result.labels]  # left as it was
+    assert set(adata.uns) == {"sctcm", "sctcm_k4"} and "X_sctcm_k4" in adata.obsm
+
+
+@pytest.mark.parametrize("make, keywords, message", [
+    (lambda c: _LikeAnnData(np.log1p(c)), {}, "non-integer counts in adata.X (raw counts "
+                                               "expected, not normalised or log data); layer="),
+    (lambda c: _LikeAnnData(c), {"layer": "counts"}, "adata: no layer 'counts' (it has none)"),
+    (lambda c: _LikeAnnData(c), {"labels": "type"}, "labels='type' is not a column of obs"),
+    (lambda c: c, {"layer": "counts"}, "layer= names where an AnnData keeps its counts"),
+    (lambda c: _LikeAnnData(c), {"threads": 0}, "threads must be a whole number, 1 or more"),
+])
+def test_cluster_refuses_an_anndata_it_cannot_read_in_one_line(make, keywords, message):
+    counts = np.random.default_rng(0).poisson(2.0, (40, 20)).astype(np.float32) + 1
+    with pytest.raises(ValueError, match=re.escape(message)) as refused_:
+        sctcm.cluster(make(counts), 3, log=lambda line: None, **keywords)
+    assert "\n" not in str(refused_.value)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("anndata") is None, reason="anndata not installed")
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "Baron_mouse.h5ad").exists(),
+                    reason="../shared/data absent")
+def test_cluster_on_anndatas_own_baron_file_writes_what_anndata_writes_and_reads(tmp_path):
+    import anndata
+    adata = anndata.read_h5ad(REPO.parent / "shared" / "data" / "Baron_mouse.h5ad")
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.log1p()  # what a scanpy user's X holds
+    quick = {**QUICK_FIT, "n_over": 10}
+    result = sctcm.cluster(adata, 8, layer="counts", log=lambda line: None, **quick)
+    assert str(adata.obs["sctcm"].dtype) == "category"
+    assert list(adata.obs["sctcm"].astype(int)) == list(result.labels)
+    assert adata.obsm["X_sctcm"].shape == (adata.n_obs, 4)
+    sctcm.cluster(adata, 9, layer="counts", key_added="sctcm9", log=lambda line: None, **quick)
+    adata.write_h5ad(tmp_path / "baron.h5ad")
+    back = anndata.read_h5ad(tmp_path / "baron.h5ad")
+    assert {"sctcm", "sctcm_confidence", "sctcm9", "sctcm9_margin"} <= set(back.obs.columns)
+    assert set(back.uns["sctcm"]["markers"]) >= {"cluster", "gene", "score"}

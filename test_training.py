@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 import clustering
 import datasets
+import evidence
 import geometry
 import report
-import sctcm
 import training
 from model import (Batch, Config, self_supervision, soft_assign, structure_loss,
                    target_distribution)
@@ -340,7 +340,7 @@ def test_the_same_cells_cluster_alike_at_umi_and_smart_seq2_depth():
         assert run.history[-1]["reliable_c"] > 0
     umi, deep = (run.metrics["ari"] for run in runs)
     assert umi > 0.9 and abs(deep - umi) <= 0.05
-    assert all(sctcm.run_warnings(run.history) == [] for run in runs)
+    assert all(evidence.run_warnings(run.history) == [] for run in runs)
 
 
 @pytest.mark.slow
@@ -355,7 +355,7 @@ def test_umi_counts_times_50000_train_as_the_counts_do():
     config = tiny_config(pretrain_epochs=100, eval_every=10, max_epochs=10, min_epochs=10)
     run = training.fit(prepared, adjacency, 3, config, log=lambda line: None)
     assert [row for row in run.history if row["phase"] == 1][-1]["L_A"] < np.log(2)
-    assert sctcm.run_warnings(run.history) == [] and run.metrics["ari"] > 0.9
+    assert evidence.run_warnings(run.history) == [] and run.metrics["ari"] > 0.9
 
 
 @pytest.mark.slow
