@@ -24,7 +24,9 @@ seeds, confidence and stability tables and k_choice() the choosing-K table (RESU
 """
 import argparse
 import csv
+import dataclasses
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -40,6 +42,7 @@ import clustering
 import datasets
 import formats
 import geometry
+import reuse
 import sctcm
 import training
 from clustering import ari, centroid_ari, kmeans, scores, spectral_clustering
@@ -485,6 +488,164 @@ def k_choice(folder, ks=range(4, 21), stems=None, **config):
         near = abs(recommended - k) <= max(2, 0.2 * k)
         print(f"| {stem} | {k} | {recommended} | {'yes' if near else 'no'} | "
               f"{final[recommended]:.3f} | {final[k]:.3f} | {peak} |", flush=True)
+
+
+def halves_of(dataset, seed=100):
+    """A dataset split at random into two halves of its cells (a permutation of seed): the
+    first half, then the second; labels, label names and gene names kept."""
+    order = np.random.default_rng(seed).permutation(dataset.counts.shape[0])
+    first, second = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
+    names = datasets.names_or_numbered(dataset.cell_names, "cell", dataset.counts.shape[0])
+    genes = datasets.names_or_numbered(dataset.gene_names, "gene", dataset.counts.shape[1])
+    return [dataclasses.replace(dataset, counts=dataset.counts[cells], cell_names=names[cells],
+                                labels=dataset.labels[cells], gene_names=genes)
+            for cells in (first, second)]
+
+
+def transfer(folder, seeds=3, stems=None, **config):
+    """RESULTS.md's "Train once, use again": each labelled file split at random into halves
+    (halves_of, seed 100); the defaults trained on the first (seeds 0..seeds-1), their model
+    saved and loaded (reuse.save, reuse.load) and applied to the second (reuse.assign, no
+    training). Per seed: ARI on the trained half, ARI on the applied half, and how the
+    confidence tells right from wrong cells on each (halves and AUROC, as evidence()).
+    Prints markdown rows as it goes."""
+    import tempfile
+    quiet = lambda line: None
+    print("| dataset | seed | ARI, trained half | ARI, applied half | confidence AUROC, "
+          "trained / applied | applied: right in the top half / bottom half |")
+    print("|---|---|---|---|---|---|")
+    for stem, path, k, dataset in labelled_files(folder, stems):
+        train, other = halves_of(dataset)
+        for seed in range(seeds):
+            settings = Config(**{**config, "seed": seed})
+            prepared, adjacency = sctcm.prepare(train, [k], settings)
+            run = training.fit(prepared, adjacency, k, settings, log=quiet)
+            with tempfile.TemporaryDirectory() as folder_:
+                reuse.save(Path(folder_) / reuse.MODEL_FILE, run, settings, prepared, adjacency)
+                applied_prepared, applied = reuse.assign(reuse.load(folder_), other, quiet)
+            cells = []
+            for y, result in ((prepared.labels, run), (applied_prepared.labels, applied)):
+                labelled = y >= 0
+                right = right_cells(y[labelled], result.labels[labelled])
+                cells.append((auroc(result.confidence[labelled], right),
+                              halves(result.confidence[labelled], right)))
+            print(f"| {stem} | {seed} | {run.metrics['ari']:.3f} | "
+                  f"{applied.metrics['ari']:.3f} | {cells[0][0]:.3f} / {cells[1][0]:.3f} | "
+                  f"{cells[1][1][0]:.3f} / {cells[1][1][1]:.3f} |", flush=True)
+
+
+def warning_kind(line):
+    """The kind of a warning line of evidence.judge."""
+    for kind, start in (("split", "share"), ("mixture", "fall into two groups"),
+                        ("baseline splits", "the baseline splits"),
+                        ("baseline joins", "the baseline joins"), ("one hump", "one hump"),
+                        ("no reliable cell", "no reliable cell"), ("small", "fewer than m")):
+        if start in line:
+            return kind
+    return "run"
+
+
+def warning_hit(line, y, labels, baseline, mixed=0.15):
+    """Whether a warning of evidence.judge points at a real error of the partition labels
+    against the types y: two clusters it names (split, baseline joins, one hump) hold the same
+    majority type (one type split); a cluster it calls a mixture holds a second type on at
+    least `mixed` of its cells; a cluster the baseline splits, into two sides whose majority
+    types differ (two types joined); a cluster without reliable cell, one of either kind.
+    None for the kinds that claim no error (run-level, small)."""
+    numbers = [int(w) for w in re.findall(r"clusters? (\d+)(?: and (\d+))?", line)[0] if w]
+    major = lambda cells: np.bincount(y[cells]).argmax() if cells.any() else -1
+    second = lambda cells: np.sort(np.bincount(y[cells]))[::-1][1] / cells.sum() \
+        if len(np.unique(y[cells])) > 1 else 0.0
+    kind = warning_kind(line)
+    if kind in ("split", "baseline joins", "one hump"):
+        a, b = numbers
+        return bool(major(labels == a) == major(labels == b))
+    if kind == "mixture":
+        return bool(second(labels == numbers[0]) >= mixed)
+    if kind == "baseline splits":
+        groups = [int(g) for g in re.findall(r"in its group (\d+)", line)]
+        sides = [(labels == numbers[0]) & (baseline == g) for g in groups]
+        return bool(major(sides[0]) != major(sides[1]))
+    if kind == "no reliable cell":
+        k = numbers[0]
+        same = [j for j in np.unique(labels) if j != k and major(labels == j) ==
+                major(labels == k)]
+        return bool(same) or bool(second(labels == k) >= mixed)
+    return None
+
+
+def warning_hits(out, files, seeds, variant="full"):
+    """RESULTS.md "Evidence": per kind of warning, over the runs of variant (their summary.json
+    and labels.csv), how many point at a real error (warning_hit) and how many at none; and of
+    the real errors (two clusters of one majority type, a cluster whose second type holds 15%
+    of it), how many some warning names. Markdown."""
+    counts = {}
+    errors = found = 0
+    for stem, _, _, dataset in files:
+        for seed in seeds:
+            folder = _folder(out, stem, variant) / f"seed{seed}"
+            if not (folder / "summary.json").exists():
+                continue
+            summary = json.loads((folder / "summary.json").read_text())
+            with open(folder / "labels.csv") as f:
+                rows = [r for r in csv.DictReader(f) if r["cluster"] != ""]
+            labels = np.array([int(r["cluster"]) for r in rows])
+            baseline = np.array([int(r["baseline"]) for r in rows])
+            y = _labels_of(dataset, [r["cell"] for r in rows])
+            keep = y >= 0
+            y, labels, baseline = y[keep], labels[keep], baseline[keep]
+            named = set()
+            for line in summary["metrics"]["warnings"]:
+                hit = warning_hit(line, y, labels, baseline)
+                if hit is None:
+                    continue
+                hits, alarms = counts.get(warning_kind(line), (0, 0))
+                counts[warning_kind(line)] = (hits + hit, alarms + (not hit))
+                named |= {int(w) for w in re.findall(r"clusters? (\d+)(?: and (\d+))?", line)[0]
+                          if w}
+            majors = [np.bincount(y[labels == k]).argmax() for k in np.unique(labels)]
+            for k, major in zip(np.unique(labels), majors):
+                cells = labels == k
+                twin = sum(m == major for m in majors) > 1
+                share = np.sort(np.bincount(y[cells]))[::-1]
+                mixed = len(share) > 1 and share[1] / cells.sum() >= 0.15
+                if twin or mixed:
+                    errors += 1
+                    found += k in named
+    lines = ["| warning | points at a real error | at none |", "|---|---|---|"]
+    lines += [f"| {kind} | {hits} | {alarms} |" for kind, (hits, alarms) in sorted(counts.items())]
+    lines.append(f"\nClusters in a real error (one of two of a majority type, or 15% of a second "
+                 f"type): {errors}; named by some warning: {found}.")
+    return "\n".join(lines)
+
+
+def _labels_of(dataset, cells):
+    """The labels of the named cells of dataset (labels.csv's cell column order)."""
+    names = datasets.names_or_numbered(dataset.cell_names, "cell", len(dataset.labels))
+    index = {name: i for i, name in enumerate(names)}
+    return dataset.labels[[index[cell] for cell in cells]]
+
+
+def thread_agreement(one, two, files, seeds, variant="full"):
+    """The ARI between the partitions of the same runs on one thread (folder one) and on two
+    (folder two): the same command and seed on a laptop and on a server. Markdown rows."""
+    lines = ["| dataset | seed | ARI one thread | ARI two threads | agreement |",
+             "|---|---|---|---|---|"]
+    for stem, *_ in files:
+        for seed in seeds:
+            got = []
+            for out in (one, two):
+                folder = _folder(Path(out), stem, variant) / f"seed{seed}"
+                if (folder / "labels.csv").exists():
+                    with open(folder / "labels.csv") as f:
+                        got.append(np.array([int(r["cluster"]) if r["cluster"] else -1
+                                             for r in csv.DictReader(f)]))
+                    got.append(json.loads((folder / "summary.json").read_text())["metrics"]
+                               ["ari"])
+            if len(got) == 4:
+                lines.append(f"| {stem} | {seed} | {got[1]:.3f} | {got[3]:.3f} | "
+                             f"{ari(got[0], got[2]):.3f} |")
+    return "\n".join(lines)
 
 
 def depth_series(depths=(1e3, 3e3, 3e4, 3e5, 3e6), seeds=(0, 1, 2), scale=1, **config):

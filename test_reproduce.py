@@ -176,3 +176,36 @@ def test_reproduce_datasets_runs_only_the_files_named(tmp_path):
     results = (tmp_path / "rep" / "results.md").read_text()
     assert "| b (K=3) | scTCM | 1 |" in results and "| | scTCM, `--losses sampled` | 1 |" in results
     assert "| b | seeds |" in results  # Table 2 of b
+
+
+def test_each_warning_is_judged_against_the_types_it_speaks_of():
+    """warning_hit by hand: types y = 0 0 0 0 1 1 1 1 2 2 2 2; scTCM splits type 0 into clusters
+    0 and 1 and joins types 1 and 2 in cluster 2."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2])
+    baseline = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    hit = lambda line: reproduce.warning_hit(line, y, labels, baseline)
+    assert hit("clusters 0 and 1 share 5 of their strong markers (a, ...): ...") is True
+    assert hit("clusters 0 and 2 share 5 of their strong markers (a, ...): ...") is False
+    assert hit("cluster 2: its cells fall into two groups on its own markers (4 and 4 cells")
+    assert not hit("cluster 0: its cells fall into two groups on its own markers (1 and 1")
+    assert hit("the baseline splits cluster 2: 4 of its cells in its group 1 (a), 4 in its "
+               "group 2 (b)") is True
+    assert hit("the baseline joins clusters 0 and 1 (its group 0 holds 2 and 2 of their "
+               "cells); ...") is True
+    assert hit("cluster 0: no reliable cell: none of its margins reaches ...") is True
+    assert hit("cluster 3: 2 cells, fewer than m = 3") is None
+    assert reproduce.warning_kind("clusters 0 and 1: centres 1 apart, ...: one hump, not two; "
+                                  "try K - 1") == "one hump"
+
+
+def test_halves_of_a_dataset_split_its_cells_at_random_and_keep_its_names():
+    data = datasets.synthetic(n_cells=101, n_genes=20, seed=0)
+    first, second = reproduce.halves_of(data)
+    assert first.counts.shape == (50, 20) and second.counts.shape == (51, 20)
+    names = sorted(list(first.cell_names) + list(second.cell_names))
+    assert names == sorted(data.cell_names)
+    rows = [int(name[4:]) for name in first.cell_names]
+    assert np.array_equal(first.counts, data.counts[rows])
+    assert np.array_equal(first.labels, data.labels[rows])
+    assert list(first.gene_names) == list(data.gene_names)
