@@ -58,7 +58,8 @@ class Config:
     gamma_g: float = setting(1.0, "weight of L_g in step 3 of phase 2, Sec. 3.2", WEIGHT)
     n_over: int = setting(30, "n_o, number of overclusters, Eqs. (8)-(10)", Interval(2))
     init: str = setting("consistent", "phi^c, the start of phase 2 (README: Where we differ)",
-                        OneOf(("consistent", "merge", "consensus", "spectral", "kmeans")))
+                        OneOf(("consistent", "merge", "consensus", "medoid", "spectral",
+                               "kmeans")))
     resolution: float = setting(0.5, "modularity resolution of the merges on A", POSITIVE)
     beta_c: str = setting("auto", "Eq. (6) margin threshold", OrAuto(SHARE))
     beta_o: str = setting("auto", "Eq. (9) margin threshold", OrAuto(SHARE))

@@ -374,7 +374,7 @@ def prepare(dataset, ks, config, lap=None):
     if max(k, config.n_over) > prepared.x.shape[0]:
         raise ValueError(f"--clusters {k} or --n-over {config.n_over} is more than the "
                          f"{prepared.x.shape[0]} cells")
-    if config.init in ("consistent", "merge", "consensus") and k > config.n_over:
+    if config.init in ("consistent", "merge", "consensus", "medoid") and k > config.n_over:
         raise ValueError(f"--init {config.init} merges the {config.n_over} overclusters: "
                          f"--clusters {k} needs --n-over at least as large")
     adjacency, prepared.components = datasets.cell_graph(prepared.x, config.n_neighbors,

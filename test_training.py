@@ -19,7 +19,7 @@ import report
 import training
 from model import (Batch, Config, self_supervision, soft_assign, structure_loss,
                    target_distribution)
-from testkit import (inertia_by_loop, kept_by_loop, loss_and_grad, random_graph,
+from testkit import (inertia_by_loop, kept_by_loop, loss_and_grad, pairs_ari, random_graph,
                      structure_problem, tiny_config, tiny_problem)
 
 
@@ -592,13 +592,15 @@ def _consensus_by_pairs(adjacency, merged, config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["consistent", "merge", "consensus", "spectral", "kmeans"])
+@pytest.mark.parametrize("init", ["consistent", "merge", "consensus", "medoid", "spectral",
+                                  "kmeans"])
 def test_each_start_rule_is_its_brute_force_choice_over_the_same_restarts(init):
     """On a problem whose ten k-means restarts of the n_o overclusters merge into different
     partitions with different kept shares, each start rule picks what a brute-force choice over
     the same restarts picks: the merge whose mean codes keep most of it (consistent), the merge
     of the lowest-inertia restart (merge), the merge of the groups that every merge agrees on
-    (consensus); spectral and kmeans as their functions give them. phi^c starts at the mean
+    (consensus), the merge with the highest summed ARI to all merges, by pair counts (medoid);
+    spectral and kmeans as their functions give them. phi^c starts at the mean
     code of each cluster of that partition."""
     prepared, adjacency = tiny_problem(seed=1)
     starts = []
@@ -619,6 +621,8 @@ def test_each_start_rule_is_its_brute_force_choice_over_the_same_restarts(init):
         "merge": lambda: merged[int(np.argmin([inertia_by_loop(z, over, centres)
                                                for _, over, centres in restarts]))],
         "consensus": lambda: _consensus_by_pairs(adjacency, merged, config),
+        "medoid": lambda: merged[int(np.argmax([sum(pairs_ari(m, other) for other in merged)
+                                                for m in merged]))],
         "spectral": lambda: clustering.spectral_clustering(adjacency, 3, seed=0),
         "kmeans": lambda: clustering.kmeans(datasets.pca(prepared.x, 50), 3, seed=0)[0],
     }[init]()

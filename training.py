@@ -22,8 +22,8 @@ import datasets
 import geometry
 import settings
 from clustering import (agreement_groups, check_partition, kmeans, kmeans_restarts,
-                        lowest_inertia, merge_overclusters, merges, most_kept, scores,
-                        spectral_clustering, squared_distances)
+                        lowest_inertia, merge_overclusters, merges, most_central, most_kept,
+                        scores, spectral_clustering, squared_distances)
 from model import (Adversary, Batch, Config, Model, Pass, Samples, SparseCounts, SparseInput,
                    SparsePattern, auto_threshold, clustering_loss, log_mean, margins,
                    normalized_adjacency, optimise, self_supervised_loss, self_supervision,
@@ -220,9 +220,11 @@ def initial_partition(prepared, adjacency, n_clusters, config, restarts, z):
     """The partition whose mean codes become phi^c: the paper's spectral clustering of A
     (init="spectral"), or, not in the paper (README), each restart's K_o overclusters of Z
     (restarts: clustering.kmeans_restarts on z) merged on A and the merge its mean codes keep
-    best (init="consistent", clustering.most_kept), or the groups all merges agree on merged
-    again (init="consensus"), or the lowest-inertia restart merged (init="merge"); k-means on
-    n_pcs principal components of x (init="kmeans", kmeans_on_pcs)."""
+    best (init="consistent", clustering.most_kept), or the merge that agrees best with the
+    others (init="medoid", clustering.most_central: stable when Z moves a little, as between
+    thread counts), or the groups all merges agree on merged again (init="consensus"), or the
+    lowest-inertia restart merged (init="merge"); k-means on n_pcs principal components of x
+    (init="kmeans", kmeans_on_pcs)."""
     if config.init == "spectral":
         return spectral_clustering(adjacency, n_clusters, seed=config.seed)
     if config.init == "kmeans":
@@ -233,6 +235,8 @@ def initial_partition(prepared, adjacency, n_clusters, config, restarts, z):
     merged = merges(adjacency, restarts, n_clusters, config.resolution)
     if config.init == "consistent":
         return most_kept(z, merged)
+    if config.init == "medoid":
+        return merged[most_central(merged)]
     return merge_overclusters(adjacency, agreement_groups(merged), n_clusters, config.resolution)
 
 
@@ -344,9 +348,9 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     labels used for scoring only); adjacency: (n, n) scipy sparse A; n_clusters: K.
     start: optional (n,) partition into clusters 0..K-1 whose mean codes become phi^c instead
     of config.init's (e.g. the true labels, to see what phase 2 does from the right start).
-    Phase 2 alternates the paper's three steps, one step per epoch in turn:
-    L_SS + gamma_c L_c, L_SS + gamma_o L_o, L_SS + gamma_g L_g (an ablation drops its step),
-    each followed by a discriminator update (Eq. 12). Every eval_every epochs it measures the
+    Phase 2 alternates the paper's three steps, L_SS + gamma_c L_c, L_SS + gamma_o L_o and
+    L_SS + gamma_g L_g (an ablation drops its step), one an epoch in turn (phase2_schedule: or
+    as the authors' code takes them), each followed by a discriminator update (Eq. 12). Every eval_every epochs it measures the
     clusters' mean ID and LID and stops when ID >= LID (after min_epochs), or at max_epochs.
     An epoch is one optimiser step on one Batch (Sampler: every cell and pair, or above
     batch_size cells unbiased estimates from a batch and sampled pairs; the steps do not grow
@@ -402,7 +406,7 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     watch("start", state)
     lap("start")
 
-    # --- phase 2: alternating steps (Sec. 3.2), one step per epoch in turn
+    # --- phase 2: alternating steps (Sec. 3.2), as phase2_schedule takes them
     for epoch in range(1, config.max_epochs + 1):
         state.epoch = epoch
         if (epoch - 1) % config.update_every == 0:
