@@ -665,3 +665,31 @@ def test_cluster_on_anndatas_own_baron_file_writes_what_anndata_writes_and_reads
     back = anndata.read_h5ad(tmp_path / "baron.h5ad")
     assert {"sctcm", "sctcm_confidence", "sctcm9", "sctcm9_margin"} <= set(back.obs.columns)
     assert set(back.uns["sctcm"]["markers"]) >= {"cluster", "gene", "score"}
+
+
+def test_choosing_k_says_how_far_the_peak_stands_and_a_flat_peak_in_words():
+    """peak_certainty by hand: modularity 0.80 0.83 0.8338 0.8328 0.70 at K = 5..9: the peak at
+    7 stands 0.0008 above its neighbours and 0.1338 above the lowest; K within 10% of that span
+    of it are 6, 7 and 8: flat."""
+    rows = [{"k": k, "merge_modularity": v}
+            for k, v in zip(range(5, 10), (0.80, 0.83, 0.8338, 0.8328, 0.70))]
+    sure = sctcm.peak_certainty(rows, sctcm.recommend_k(rows))
+    assert sure["k"] == 7 and sure["value"] == 0.8338
+    assert sure["above_neighbours"] == pytest.approx(0.001)
+    assert sure["above_lowest"] == pytest.approx(0.1338)
+    assert sure["close"] == [6, 7, 8] and sure["flat"]
+    sharp = [{"k": k, "merge_modularity": v} for k, v in zip(range(5, 8), (0.5, 0.9, 0.6))]
+    assert not sctcm.peak_certainty(sharp, 6)["flat"]
+
+
+def test_blind_reads_no_labels_so_no_score_is_written(tmp_path, capsys):
+    counts, labels = _counts_with_empty_rows()
+    write_arrays(tmp_path / "toy.h5", X=counts, Y=labels)
+    assert sctcm.main([str(tmp_path / "toy.h5"), "--clusters", "3", "--blind", "--out",
+                       str(tmp_path / "out"), *QUICK.split()]) == 0
+    out = capsys.readouterr().out  # ARI appears only between scTCM and the baseline
+    assert "ACC" not in out and "NMI" not in out and "true centres" not in out
+    assert out.count("ARI") == out.count("ARI to scTCM's partition")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "ari" not in summary["metrics"] and "ari" not in summary["metrics"]["baseline"]
+    assert "ari" not in (tmp_path / "out" / "history.csv").read_text().splitlines()[0]
