@@ -16,12 +16,13 @@ genes, and warnings that say only what their numbers show.
 
 References: Mann & Whitney (Ann. Math. Stat. 1947), the rank-sum statistic and its normal
 approximation; Benjamini & Hochberg (JRSS B 1995); Wolf, Angerer & Theis (Genome Biol. 2018),
-scanpy; Ashman, Bird & Zepf (J. Mol. Evol. 1994), D, the separation of two groups.
+scanpy; Ashman, Bird & Zepf (Astron. J. 1994), D, the separation of two groups.
 """
 import numpy as np
 import scipy.sparse as sp
 from scipy import stats
 
+import geometry
 from clustering import squared_distances
 
 TOP = 20           # the top markers a cluster is compared by (split, mixture)
@@ -217,38 +218,10 @@ def split_warnings(ranked, log_expr, labels, gene_names, top=TOP, shared=SHARED)
     return lines
 
 
-def two_gaussians(values, iterations=200):
-    """A mixture of two Gaussians fitted to 1-d values by EM, started from the best cut of the
-    sorted values into two (1-d k-means) -> (upper (n,) bool: the values the upper component
-    holds, Ashman's D = |m1 - m2| / sqrt((s1^2 + s2^2) / 2), the smaller weight). D > 2 marks
-    two humps (Ashman et al. 1994); one Gaussian fits with D well below."""
-    x = np.sort(values)
-    n = len(x)
-    cumsum, cumsq = np.cumsum(x), np.cumsum(x ** 2)
-    left = np.arange(1, n)
-    within = (cumsq[:-1] - cumsum[:-1] ** 2 / left) + (
-        (cumsq[-1] - cumsq[:-1]) - (cumsum[-1] - cumsum[:-1]) ** 2 / (n - left))
-    cut = int(np.argmin(within)) + 1
-    mean = np.array([x[:cut].mean(), x[cut:].mean()])
-    sd = np.maximum([x[:cut].std(), x[cut:].std()], 1e-6)
-    weight = np.array([cut, n - cut]) / n
-    for _ in range(iterations):
-        density = weight * stats.norm.pdf(values[:, None], mean, sd) + 1e-300
-        responsibility = density / density.sum(1, keepdims=True)
-        weight = responsibility.mean(0)
-        mean = (responsibility * values[:, None]).sum(0) / responsibility.sum(0)
-        sd = np.sqrt((responsibility * (values[:, None] - mean) ** 2).sum(0)
-                     / responsibility.sum(0))
-        sd = np.maximum(sd, 1e-6)
-    upper = responsibility[:, 1] > 0.5
-    separation = abs(mean[1] - mean[0]) / np.sqrt((sd[0] ** 2 + sd[1] ** 2) / 2)
-    return upper, float(separation), float(weight.min())
-
-
 def mixture_warnings(ranked, log_expr, labels, gene_names, m, top=TOP, d=MIXTURE_D):
     """A cluster whose cells fall into two groups on its own markers: on the first principal
     component of their (standardised) expression of its top markers (those up at least 2-fold
-    and significant, adjusted p < 0.01), two Gaussians fit (two_gaussians) more than d pooled
+    and significant, adjusted p < 0.01), two Gaussians fit (geometry.two_gaussians) more than d pooled
     sds apart (Ashman's D), the smaller holding at least 10% of the cluster and m cells, and
     each group has genes of its own (telling_apart): a mixture of two populations?"""
     csr = sp.csr_matrix(log_expr)
@@ -261,7 +234,7 @@ def mixture_warnings(ranked, log_expr, labels, gene_names, m, top=TOP, d=MIXTURE
         x = csr[cells][:, genes].toarray().astype(np.float64)
         x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
         first = np.linalg.svd(x, full_matrices=False)[0][:, 0]
-        upper, separation, smaller = two_gaussians(first)
+        upper, separation, smaller = geometry.two_gaussians(first)
         if separation <= d or smaller < 0.1 or min(upper.sum(), (~upper).sum()) < m:
             continue
         up_a, up_b = telling_apart(log_expr, cells[~upper], cells[upper], gene_names)

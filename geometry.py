@@ -9,15 +9,18 @@ curvature (a circle has ID 1 and LID 2; a swiss roll, ID 2 and LID 3). The paper
 the geometric study of Fig. 2, after Mrabah et al. 2022) reports that pretraining gives curved
 cluster manifolds of low ID; a plain clustering loss then flattens them abruptly (ID up, LID
 down, within a few iterations), while scTCM flattens them gradually. Its phase 2 ends when the
-mean ID of the clusters reaches their mean LID.
+mean ID of the clusters reaches their mean LID. Last, two Gaussians fitted to values along a
+line tell one hump from two (Ashman's D), for the evidence's mixtures and --repair.
 
 References
 - Facco, d'Errico, Rodriguez, Laio. Estimating the intrinsic dimension of datasets by a minimal
   neighborhood information. Sci. Rep. 7, 12140 (2017) (TwoNN).
 - Mrabah, Amar, Bouguessa, Diallo. Toward convex manifolds: a geometric perspective for deep
   graph clustering of single-cell RNA-seq data. IJCAI 2023 (Fig. 2, Sec. 3.2).
+- Ashman, Bird & Zepf. Detecting bimodality in astronomical datasets. AJ 108, 1994 (D).
 """
 import numpy as np
+from scipy import stats
 from scipy.spatial import cKDTree
 
 
@@ -90,3 +93,33 @@ def cluster_geometry(z, labels, min_size=20, max_size=5000):
     if not ids:
         return float("nan"), float("nan")
     return float(np.mean(ids)), float(np.mean(lids))
+
+
+# ---------------------------------------------------------------- one hump or two
+
+def two_gaussians(values, iterations=200):
+    """A mixture of two Gaussians fitted to 1-d values by EM, started from the best cut of the
+    sorted values into two (1-d k-means) -> (upper (n,) bool: the values the upper component
+    holds, Ashman's D = |m1 - m2| / sqrt((s1^2 + s2^2) / 2), the smaller weight). D > 2 marks
+    two humps (Ashman et al. 1994); one Gaussian fits with D well below."""
+    x = np.sort(values)
+    n = len(x)
+    cumsum, cumsq = np.cumsum(x), np.cumsum(x ** 2)
+    left = np.arange(1, n)
+    within = (cumsq[:-1] - cumsum[:-1] ** 2 / left) + (
+        (cumsq[-1] - cumsq[:-1]) - (cumsum[-1] - cumsum[:-1]) ** 2 / (n - left))
+    cut = int(np.argmin(within)) + 1
+    mean = np.array([x[:cut].mean(), x[cut:].mean()])
+    sd = np.maximum([x[:cut].std(), x[cut:].std()], 1e-6)
+    weight = np.array([cut, n - cut]) / n
+    for _ in range(iterations):
+        density = weight * stats.norm.pdf(values[:, None], mean, sd) + 1e-300
+        responsibility = density / density.sum(1, keepdims=True)
+        weight = responsibility.mean(0)
+        mean = (responsibility * values[:, None]).sum(0) / responsibility.sum(0)
+        sd = np.sqrt((responsibility * (values[:, None] - mean) ** 2).sum(0)
+                     / responsibility.sum(0))
+        sd = np.maximum(sd, 1e-6)
+    upper = responsibility[:, 1] > 0.5
+    separation = abs(mean[1] - mean[0]) / np.sqrt((sd[0] ** 2 + sd[1] ** 2) / 2)
+    return upper, float(separation), float(weight.min())

@@ -79,6 +79,10 @@ class Config:
     rewire: bool = setting(False, "not in the paper, the authors' code: at each target update "
                            "every reliable cell gains an edge of A to the reliable cell nearest "
                            "its cluster's centre")
+    repair: bool = setting(False, "not in the paper: at each target update, one split-merge "
+                           "move when two neighbouring clusters are one hump along the line "
+                           "between their centres and another cluster two humps along its first "
+                           "axis (K kept)")
     m_cvx: int = setting(3, "m, cells per convex combination, Eq. (11)", Interval(2))
     n_cvx: int = setting(64, "convex combinations per cluster and step, Eq. (11)", COUNT)
     min_epochs: int = setting(30, "phase 2 runs at least this long before the ID = LID stop",

@@ -84,10 +84,11 @@ VARIANTS = {  # the runs and the flags that make them
     "consensus, start targets 10": ["--init", "consensus", "--start-targets", "10"],
     "consensus, start targets 30": ["--init", "consensus", "--start-targets", "30"],
     "medoid start": ["--init", "medoid"],  # the merge the others agree with: thread-stable
+    "repair": ["--repair"],  # a split-merge move where one cluster is two humps, a pair one
 }
 CANDIDATES = ("full", "authors: rewire", "authors: schedule", "start targets 10",
               "start targets 30", "consensus start", "consensus, start targets 10",
-              "consensus, start targets 30", "medoid start")
+              "consensus, start targets 30", "medoid start", "repair")
 AUTHORS_FILES = ("Young_top2000", "10X_PBMC_top2000", "Baron_mouse")  # their Young and two more
 AUTHORS = ("authors: rewire", "authors: schedule", "authors: spectral start, n_o 10",
            "authors: w_a 1", "authors: 500 phase-1 epochs", "per-cluster, targets every 8",

@@ -188,18 +188,6 @@ def test_a_cluster_of_two_populations_is_named_a_mixture_and_a_pure_one_is_not()
     assert evidence.mixture_warnings(pure, log, population, GENES, m=3, top=6) == []
 
 
-def test_two_gaussians_find_two_humps_and_not_one():
-    """EM's two Gaussians: on two humps 6 sds apart (30% and 70%) D about 6, the upper hump's
-    values in the upper component; on one Gaussian, or one skewed hump, D below 2."""
-    rng = np.random.default_rng(3)
-    values = np.concatenate([rng.normal(0, 1, 300), rng.normal(6, 1, 700)])
-    upper, separation, smaller = evidence.two_gaussians(values)
-    assert separation == pytest.approx(6, rel=0.1) and smaller == pytest.approx(0.3, abs=0.03)
-    assert upper[300:].mean() > 0.99 and upper[:300].mean() < 0.01
-    for one in (rng.normal(0, 1, 1000), rng.gamma(2.0, 1.0, 1000)):
-        assert evidence.two_gaussians(one)[1] < 2
-
-
 def test_the_clusters_the_baseline_splits_or_joins_are_named_with_both_sides_markers():
     """scTCM's cluster 0 holds populations 0 and 1 (the baseline splits it); populations 2 is
     scTCM's clusters 1 and 2 (the baseline joins them)."""

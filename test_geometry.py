@@ -117,3 +117,15 @@ def test_pca_lid_standardises_each_coordinate_before_the_pca():
 def test_geometry_does_not_import_torch():
     source = open(geometry.__file__).read()
     assert "import torch" not in source and "from torch" not in source
+
+
+def test_two_gaussians_find_two_humps_and_not_one():
+    """EM's two Gaussians: on two humps 6 sds apart (30% and 70%) D about 6, the upper hump's
+    values in the upper component; on one Gaussian, or one skewed hump, D below 2."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0, 1, 300), rng.normal(6, 1, 700)])
+    upper, separation, smaller = geometry.two_gaussians(values)
+    assert separation == pytest.approx(6, rel=0.1) and smaller == pytest.approx(0.3, abs=0.03)
+    assert upper[300:].mean() > 0.99 and upper[:300].mean() < 0.01
+    for one in (rng.normal(0, 1, 1000), rng.gamma(2.0, 1.0, 1000)):
+        assert geometry.two_gaussians(one)[1] < 2

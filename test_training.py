@@ -190,6 +190,26 @@ def test_start_targets_are_the_start_itself_then_eq_6():
     assert bool((q[~reliable].max(1).values < 1).all()) and not torch.equal(q, torch.eye(3)[start])
 
 
+def test_split_merge_joins_one_hump_and_splits_two_by_their_means():
+    """Type 0 (a round cloud) cut in two clusters at x = 0, types 1 and 2 (two tight clouds 4
+    apart) in one cluster: the pair 0-1 is one hump along its centre line, cluster 2 two humps
+    along its first axis; the move puts cluster 0 at type 0's mean and clusters 1, 2 at the two
+    clouds' means. A right partition is left alone."""
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal((0, 0), 1, (400, 2)), rng.normal((8, 0), 0.5, (200, 2)),
+                        rng.normal((8, 4), 0.5, (200, 2))])
+    labels = np.concatenate([(z[:400, 0] > 0).astype(int), np.full(400, 2)])
+    centres = np.stack([z[labels == k].mean(0) for k in range(3)])
+    new, (a, b, c) = training.split_merge(z, centres, labels, m=3)
+    assert (a, b, c) == (0, 1, 2)
+    np.testing.assert_allclose(new[0], z[:400].mean(0))
+    clouds = sorted([z[400:600].mean(0).tolist(), z[600:].mean(0).tolist()])
+    np.testing.assert_allclose(sorted([new[1].tolist(), new[2].tolist()]), clouds, atol=1e-9)
+    right = np.repeat([0, 1, 2], [400, 200, 200])
+    assert training.split_merge(z, np.stack([z[right == k].mean(0) for k in range(3)]), right,
+                                m=3) is None
+
+
 def _rewired_by_loop(adjacency, z, centres, reliable, clusters):
     """The authors' update_graph written out: for each reliable cell, the reliable cell nearest
     its cluster's centre, linked to it (both ways) when that cell shares its cluster."""

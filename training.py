@@ -248,12 +248,12 @@ def kmeans_on_pcs(prepared, n_clusters, config):
 
 def thresholds(p, config):
     """beta_c and beta_o of Eqs. (6) and (9) from the soft assignments p = {"c": p (n, K),
-    "o": p (n, n_o)} when phase 2 starts: a number as given, or "auto" (auto_threshold)."""
+    "o": p (n, n_o)} (or one of them) when phase 2 starts: a number as given, or "auto"
+    (auto_threshold)."""
     given = {"c": config.beta_c, "o": config.beta_o}
     per_cluster = config.reliable_rule == "per-cluster"
-    return {key: float(value) if value != "auto" else
-            auto_threshold(p[key], config.reliable_frac, per_cluster)
-            for key, value in given.items()}
+    return {key: float(given[key]) if given[key] != "auto" else
+            auto_threshold(p[key], config.reliable_frac, per_cluster) for key in p}
 
 
 # ---------------------------------------------------------------- phase 2
@@ -316,6 +316,65 @@ def rewired(adjacency, z, centres, reliable, clusters):
     extra = sp.csr_matrix((np.ones(linked.sum(), np.float32), (cells[linked], hub[linked])),
                           shape=adjacency.shape)
     return ((adjacency + extra + extra.T) > 0).astype(np.float32).tocsr()
+
+
+def split_merge(z, centres, labels, m, sample=2000, seed=0):
+    """One split-merge move of the clusters of codes z (n, d) (--repair, not in the paper): a
+    convex cluster is one hump of codes. Of each cluster and its nearest (by centre), the pair
+    whose cells, along the line between the two centres, fit two Gaussians least apart (Ashman's
+    D, geometry.two_gaussians) is one hump if D < 2: one population split in two. Of each
+    cluster, the one whose cells along their first principal axis fit two Gaussians most apart,
+    each with 10% of them and m cells, is two humps if D > 2: two populations joined. When both
+    exist (and differ), the pair becomes one cluster at their mean and the other two at their
+    humps' means, K kept. At most `sample` cells of a cluster are read (seeded).
+    -> (new centres (K, d), (a, b, c): the pair merged into a, c split into b and c) or None."""
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(labels == k) for k in range(len(centres))]
+    members = [cells if len(cells) <= sample else np.sort(rng.choice(cells, sample, False))
+               for cells in members]
+    distances = squared_distances(centres, centres)
+    np.fill_diagonal(distances, np.inf)
+    merge = split = None
+    for a in range(len(centres)):
+        b = int(np.argmin(distances[a]))
+        cells = np.concatenate([members[a], members[b]])
+        axis = (centres[b] - centres[a]) / max(np.linalg.norm(centres[b] - centres[a]), 1e-12)
+        if len(members[a]) and len(members[b]):
+            separation = geometry.two_gaussians(z[cells] @ axis)[1]
+            if separation < 2 and (merge is None or separation < merge[0]):
+                merge = (separation, min(a, b), max(a, b))
+        codes_ = z[members[a]] - z[members[a]].mean(0) if len(members[a]) else None
+        if codes_ is None or len(codes_) < 2 * max(m, 10):
+            continue
+        first = codes_ @ np.linalg.svd(codes_, full_matrices=False)[2][0]
+        upper, separation, smaller = geometry.two_gaussians(first)
+        enough = smaller >= 0.1 and min(upper.sum(), (~upper).sum()) >= m
+        if enough and separation > 2 and (split is None or separation > split[0]):
+            split = (separation, a, upper)
+    if merge is None or split is None or split[1] in merge[1:]:
+        return None
+    (_, a, b), (_, c, upper) = merge, split
+    new = np.array(centres, dtype=np.float64)
+    new[a] = z[np.concatenate([members[a], members[b]])].mean(0)
+    new[b], new[c] = z[members[c][upper]].mean(0), z[members[c][~upper]].mean(0)
+    return new, (a, b, c)
+
+
+@torch.no_grad()
+def repair(state, z, config, log):
+    """--repair at a target update: split_merge on the codes z and Eq. (5)'s argmax; a move
+    sets phi^c anew and beta_c again by its rule (the clusters changed), and is logged."""
+    pred = soft_assign(z, state.phi["c"]).argmax(1).cpu().numpy()
+    moved = split_merge(z.cpu().numpy(), state.phi["c"].cpu().numpy(), pred, config.m_cvx,
+                        seed=config.seed + state.epoch)
+    if moved is None:
+        return
+    centres, (a, b, c) = moved
+    state.phi["c"].copy_(torch.as_tensor(centres, dtype=z.dtype))
+    state.beta["c"] = thresholds({"c": soft_assign(z, state.phi["c"])}, config)["c"]
+    log(f"phase 2 | epoch {state.epoch:4d} | repair: clusters {a} and {b} were one hump along "
+        f"the line between their centres, now cluster {a}; cluster {c} was two humps, now "
+        f"clusters {b} and {c}")
 
 
 def phase2_schedule(epoch, config):
@@ -412,6 +471,8 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
         if (epoch - 1) % config.update_every == 0:
             # q is a target: recomputed here, held fixed in between, Eqs. (6) and (9)
             z = codes(model, data)
+            if config.repair:
+                repair(state, z, config, log)
             update_targets(state, z, start if epoch <= config.start_targets else None)
             if config.rewire:
                 state.graph = rewired(adjacency, z.cpu().numpy(), phi["c"].detach().cpu().numpy(),
