@@ -96,7 +96,8 @@ class Prepared:
     name: str = ""
     notes: list[str] = field(default_factory=list)  # Dataset.notes + one line on what was dropped
     scaling: Scaling | None = None  # what preprocessing learned (prepare_like)
-    components: tuple | None = None  # (mean (g,), axes (g, m)) of the PCs A is built on (cell_graph)
+    # (mean (g,), axes (g, m)) of the principal components A is built on (cell_graph)
+    components: tuple | None = None
 
 
 # ---------------------------------------------------------------- a Dataset: counts, labels, names

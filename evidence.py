@@ -221,9 +221,9 @@ def split_warnings(ranked, log_expr, labels, gene_names, top=TOP, shared=SHARED)
 def mixture_warnings(ranked, log_expr, labels, gene_names, m, top=TOP, d=MIXTURE_D):
     """A cluster whose cells fall into two groups on its own markers: on the first principal
     component of their (standardised) expression of its top markers (those up at least 2-fold
-    and significant, adjusted p < 0.01), two Gaussians fit (geometry.two_gaussians) more than d pooled
-    sds apart (Ashman's D), the smaller holding at least 10% of the cluster and m cells, and
-    each group has genes of its own (telling_apart): a mixture of two populations?"""
+    and significant, adjusted p < 0.01), two Gaussians fit (geometry.two_gaussians) more than
+    d pooled sds apart (Ashman's D), the smaller holding at least 10% of the cluster and m
+    cells, and each group has genes of its own (telling_apart): a mixture of two populations?"""
     csr = sp.csr_matrix(log_expr)
     lines = []
     for k in range(len(ranked["scores"])):

@@ -409,8 +409,9 @@ def fit(prepared, adjacency, n_clusters, config=None, log=print, start=None, wat
     of config.init's (e.g. the true labels, to see what phase 2 does from the right start).
     Phase 2 alternates the paper's three steps, L_SS + gamma_c L_c, L_SS + gamma_o L_o and
     L_SS + gamma_g L_g (an ablation drops its step), one an epoch in turn (phase2_schedule: or
-    as the authors' code takes them), each followed by a discriminator update (Eq. 12). Every eval_every epochs it measures the
-    clusters' mean ID and LID and stops when ID >= LID (after min_epochs), or at max_epochs.
+    as the authors' code takes them), each followed by a discriminator update (Eq. 12). Every
+    eval_every epochs it measures the clusters' mean ID and LID and stops when ID >= LID
+    (after min_epochs), or at max_epochs.
     An epoch is one optimiser step on one Batch (Sampler: every cell and pair, or above
     batch_size cells unbiased estimates from a batch and sampled pairs; the steps do not grow
     with n). Codes, targets, reliable sets and ID/LID are always of every cell.
