@@ -128,6 +128,14 @@ def telling_apart(log_expr, first, second, gene_names, top=3, alpha=0.01):
                  for side in (0, 1))
 
 
+def apart(log_expr, labels, a, b, gene_names):
+    """'what tells them apart: a <genes up in a>; b <genes up in b>' for clusters a and b of
+    labels (telling_apart), the end of a warning about the two."""
+    up_a, up_b = telling_apart(log_expr, np.flatnonzero(labels == a),
+                               np.flatnonzero(labels == b), gene_names)
+    return f"what tells them apart: {a} {', '.join(up_a) or '-'}; {b} {', '.join(up_b) or '-'}"
+
+
 # ---------------------------------------------------------------- the clusters and the warnings
 
 def cluster_rows(z, labels, centres, confidence, reliable, beta_c, top_markers=()):
@@ -209,12 +217,9 @@ def split_warnings(ranked, log_expr, labels, gene_names, top=TOP, shared=SHARED)
             if len(common) >= max(3, shared * min(len(tops[a]), len(tops[b]))):
                 names = [str(gene_names[j]) for j in top_genes(ranked["scores"][a], top)
                          if j in common][:4]
-                up_a, up_b = telling_apart(log_expr, np.flatnonzero(labels == a),
-                                           np.flatnonzero(labels == b), gene_names)
                 lines.append(f"clusters {a} and {b} share {len(common)} of their strong markers "
                              f"({', '.join(names)}, ...): one population split in two? "
-                             f"what tells them apart: {a} {', '.join(up_a) or '-'}; "
-                             f"{b} {', '.join(up_b) or '-'}")
+                             + apart(log_expr, labels, a, b, gene_names))
     return lines
 
 
@@ -270,12 +275,9 @@ def baseline_warnings(labels, baseline, log_expr, gene_names, split=SPLIT_SHARE,
         joined = np.flatnonzero((share[:, b] >= join) & (table[:, b] >= least))
         for i, first in enumerate(joined):
             for second in joined[i + 1:]:
-                up = telling_apart(log_expr, np.flatnonzero(labels == first),
-                                   np.flatnonzero(labels == second), gene_names)
                 lines.append(f"the baseline joins clusters {first} and {second} (its group {b} "
                              f"holds {table[first, b]} and {table[second, b]} of their cells); "
-                             f"what tells them apart: {first} {', '.join(up[0]) or '-'}; "
-                             f"{second} {', '.join(up[1]) or '-'}")
+                             + apart(log_expr, labels, first, second, gene_names))
     return lines
 
 
