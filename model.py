@@ -57,7 +57,7 @@ class Config:
     gamma_o: float = setting(0.5, "weight of L_o in step 2 of phase 2, Sec. 3.2", WEIGHT)
     gamma_g: float = setting(1.0, "weight of L_g in step 3 of phase 2, Sec. 3.2", WEIGHT)
     n_over: int = setting(30, "n_o, number of overclusters, Eqs. (8)-(10)", Interval(2))
-    init: str = setting("consistent", "phi^c, the start of phase 2 (README: Where we differ)",
+    init: str = setting("consistent", "phi^c, the start of phase 2 (TOUR.md: Where we differ)",
                         OneOf(("consistent", "merge", "consensus", "medoid", "spectral",
                                "kmeans")))
     resolution: float = setting(0.5, "modularity resolution of the merges on A", POSITIVE)
