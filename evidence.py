@@ -238,8 +238,7 @@ def mixture_warnings(ranked, log_expr, labels, gene_names, m, top=TOP, d=MIXTURE
             continue
         x = csr[cells][:, genes].toarray().astype(np.float64)
         x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
-        first = np.linalg.svd(x, full_matrices=False)[0][:, 0]
-        upper, separation, smaller = geometry.two_gaussians(first)
+        upper, separation, smaller = geometry.humps_on_first_axis(x)
         if separation <= d or smaller < 0.1 or min(upper.sum(), (~upper).sum()) < m:
             continue
         up_a, up_b = telling_apart(log_expr, cells[~upper], cells[upper], gene_names)

@@ -123,3 +123,10 @@ def two_gaussians(values, iterations=200):
     upper = responsibility[:, 1] > 0.5
     separation = abs(mean[1] - mean[0]) / np.sqrt((sd[0] ** 2 + sd[1] ** 2) / 2)
     return upper, float(separation), float(weight.min())
+
+
+def humps_on_first_axis(points):
+    """two_gaussians of points (n, d) along their first principal axis (the centred points'
+    scores on it): whether a cloud is two humps where it is widest."""
+    centred = points - points.mean(0)
+    return two_gaussians(centred @ np.linalg.svd(centred, full_matrices=False)[2][0])

@@ -129,3 +129,17 @@ def test_two_gaussians_find_two_humps_and_not_one():
     assert upper[300:].mean() > 0.99 and upper[:300].mean() < 0.01
     for one in (rng.normal(0, 1, 1000), rng.gamma(2.0, 1.0, 1000)):
         assert geometry.two_gaussians(one)[1] < 2
+
+
+def test_humps_on_first_axis_see_two_clouds_along_their_widest_direction_and_not_one():
+    """Two round clouds 8 sds apart along a diagonal of 5 dimensions: D about 8 and each
+    cloud on its own side; one elongated cloud (sd 3 along an axis, 1 across): D below 2."""
+    rng = np.random.default_rng(4)
+    direction = np.ones(5) / np.sqrt(5)
+    points = np.vstack([rng.normal(0, 1, (400, 5)), rng.normal(0, 1, (600, 5)) + 8 * direction])
+    upper, separation, smaller = geometry.humps_on_first_axis(points)
+    assert separation == pytest.approx(8, rel=0.1) and smaller == pytest.approx(0.4, abs=0.03)
+    assert len({upper[:400].mean().round(), upper[400:].mean().round()}) == 2
+    assert min(upper[:400].mean(), 1 - upper[:400].mean()) < 0.01
+    one = rng.normal(0, 1, (1000, 5)) * np.array([3, 1, 1, 1, 1])
+    assert geometry.humps_on_first_axis(one)[1] < 2

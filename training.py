@@ -343,11 +343,9 @@ def split_merge(z, centres, labels, m, sample=2000, seed=0):
             separation = geometry.two_gaussians(z[cells] @ axis)[1]
             if separation < 2 and (merge is None or separation < merge[0]):
                 merge = (separation, min(a, b), max(a, b))
-        codes_ = z[members[a]] - z[members[a]].mean(0) if len(members[a]) else None
-        if codes_ is None or len(codes_) < 2 * max(m, 10):
+        if len(members[a]) < 2 * max(m, 10):
             continue
-        first = codes_ @ np.linalg.svd(codes_, full_matrices=False)[2][0]
-        upper, separation, smaller = geometry.two_gaussians(first)
+        upper, separation, smaller = geometry.humps_on_first_axis(z[members[a]])
         enough = smaller >= 0.1 and min(upper.sum(), (~upper).sum()) >= m
         if enough and separation > 2 and (split is None or separation > split[0]):
             split = (separation, a, upper)
