@@ -463,10 +463,15 @@ def _sparse_and_dense(n=120, g=40, seed=0):
             sparse, training.tensors(sparse, graph, "cpu"))
 
 
-def test_the_first_layer_from_sparse_counts_is_x_w_with_means_and_scales_folded_in():
+@pytest.mark.parametrize("block", [model.TRANSPOSE_BLOCK, 37])
+def test_the_first_layer_from_sparse_counts_is_x_w_with_means_and_scales_folded_in(
+        block, monkeypatch):
     """X W^T + b = S W^T - 1 (v W^T) + b: the sparse input's first layer equals the dense
-    layer on the dense X, and so does the gradient of any loss on it w.r.t. W and b."""
+    layer on the dense X, and so does the gradient of any loss on it w.r.t. W and b (its
+    S^T G summed over blocks of cells: one block, and 37 cells a block with a short last)."""
+    monkeypatch.setattr(model, "TRANSPOSE_BLOCK", block)
     _, dense_data, _, sparse_data = _sparse_and_dense()
+    assert len(sparse_data["x"].pattern.blocks) == -(-120 // block)
     torch.manual_seed(0)
     layer = torch.nn.Linear(sparse_data["x"].shape[1], 7)
     out = sparse_data["x"].linear(layer)
